@@ -1,0 +1,134 @@
+"""FLARE aggregator: averages the shared parameters, keeps every site's head in the head bank.
+
+A ``ModelAggregator``, so it plugs into the ``FedAvg`` controller (and ``ScatterAndGather``). The maths
+is :class:`lcfed.aggregation.HeadBankAggregation`; this class adds FLARE's types, the per-round log
+and a server-side record of what each site reported (``lcfed_rounds.json`` in the server's app folder).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nvflare.apis.dxo import MetaKey
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+from nvflare.app_common.app_constant import AppConstants
+
+from ..aggregation import HeadBankAggregation
+from ..data.layout import write_json_atomic
+from .reference import reference_model
+
+__all__ = ["HeadBankAggregator", "ROUNDS_FILE"]
+
+ROUNDS_FILE = "lcfed_rounds.json"
+
+
+class HeadBankAggregator(ModelAggregator):
+    """Average shared keys (uniform or sample-weighted), bank heads per site, reject contract breaches.
+
+    Args:
+        algorithm: registry name; its key contract decides what is averaged, banked or refused.
+        sites: the job's ordered site list.
+        preset: preset name (fixes the model width).
+        options: preset overrides.
+        in_channels: image channels of the model.
+        n_classes: output classes of the model.
+        weighting: "uniform" (the paper) or "samples" (by each site's training samples).
+        drop_stale_heads: forget the head of a site that did not report in a round (default: keep it).
+    """
+
+    # exported to the job config even when equal to the default (FLARE drops defaults otherwise)
+    _always_serialize_args = ("algorithm", "sites", "preset", "options", "in_channels", "n_classes", "weighting")
+
+    def __init__(
+        self,
+        algorithm: str = "lcfed",
+        sites: list[str] | None = None,
+        preset: str = "demo",
+        options: dict[str, Any] | None = None,
+        in_channels: int = 1,
+        n_classes: int = 1,
+        weighting: str = "uniform",
+        drop_stale_heads: bool = False,
+    ):
+        super().__init__()
+        self.algorithm = algorithm
+        self.sites = sites
+        self.preset = preset
+        self.options = options
+        self.in_channels = in_channels
+        self.n_classes = n_classes
+        self.weighting = weighting
+        self.drop_stale_heads = drop_stale_heads
+        algo, model, _ = reference_model(algorithm, sites, preset, options, in_channels, n_classes)
+        self.maths = HeadBankAggregation(algo.contract, model.state_dict().keys(), weighting, drop_stale_heads)
+        self.rounds: list[dict[str, Any]] = []
+        self._round: dict[str, Any] = {}
+        # the initial global model is this seeded reference model's shared part (see the persistor)
+        self._previous_shared = {
+            k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in set(self.maths.shared)
+        }
+        self._t0 = time.perf_counter()
+
+    def reset_stats(self) -> None:
+        self.maths.reset()
+        self._round = {"sites": {}}
+        self._t0 = time.perf_counter()
+
+    def accept_model(self, model: FLModel) -> None:
+        meta = model.meta or {}
+        site = meta.get("client_name", "")
+        if self.sites and site not in self.sites:
+            raise ValueError(f"result from site {site!r}, which is not in the job's site list {self.sites}")
+        params = model.params or {}
+        self.maths.accept(site, params, n_samples=meta.get("n_train"))
+        metrics = model.metrics if isinstance(model.metrics, dict) else {}
+        self._round["sites"][site] = {
+            "val_dice": float(metrics.get("val_dice", float("nan"))),
+            "steps": int(meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND, 0) or 0),
+            "n_keys": len(params),
+            "n_values": int(sum(np.asarray(v).size for v in params.values())),
+        }
+        self.info(f"accepted {len(params)} tensors from {site} ({self.maths.n_results} this round)")
+
+    def aggregate_model(self) -> FLModel:
+        params = self.maths.result()  # raises when nothing arrived: an empty round never passes silently
+        round_idx = self.fl_ctx.get_prop(AppConstants.CURRENT_ROUND) if self.fl_ctx else None
+        dices = {s: v["val_dice"] for s, v in self._round["sites"].items()}
+        mean_dice = float(np.nanmean(list(dices.values()))) if dices else float("nan")
+        # how far the global shared model moved this round (0 would mean nobody trained)
+        shared = {k: params[k] for k in self.maths.shared}
+        delta = float(np.sqrt(sum(float(((shared[k] - self._previous_shared[k]) ** 2).sum()) for k in shared)))
+        self._previous_shared = shared
+        self._round.update(
+            {
+                "round": round_idx,
+                "mean_val_dice": mean_dice,
+                "n_shared_keys": len(shared),
+                "n_bank_keys": len(params) - len(shared),
+                "shared_change": delta,
+                "time": time.perf_counter() - self._t0,
+            }
+        )
+        self.rounds.append(self._round)
+        missing = sorted(set(self.sites or []) - set(dices))
+        self.info(
+            f"round {round_idx}: aggregated {len(dices)} site(s) "
+            f"({', '.join(f'{s} {d:.4f}' for s, d in sorted(dices.items()))}); mean val dice {mean_dice:.4f}; "
+            f"head bank {sorted({k.split('/')[1] for k in params if k.startswith('head_bank/')})}"
+            + (f"; missing {missing}" if missing else "")
+        )
+        self._write_record()
+        return FLModel(params_type=ParamsType.FULL, params=params, metrics={"val_dice": mean_dice})
+
+    def _write_record(self) -> None:
+        if not self.fl_ctx:
+            return
+        engine = self.fl_ctx.get_engine()
+        app_dir = Path(engine.get_workspace().get_app_dir(self.fl_ctx.get_job_id()))
+        write_json_atomic(
+            app_dir / ROUNDS_FILE, {"algorithm": self.algorithm, "sites": self.sites, "rounds": self.rounds}
+        )

@@ -1,0 +1,197 @@
+"""FLARE Learner: a thin adapter from FLARE's train task to :class:`lcfed.trainer.SiteTrainer`.
+
+Per round it merges the received shared weights and head bank into the site's model (personal
+tensors untouched), trains, validates, keeps the site's personalized checkpoints (best on the
+validation split, and last) in the site's own workspace, and returns exactly the contract's outgoing
+keys (shared parameters + this site's head) with the step count and scalar metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.learner_spec import Learner
+from nvflare.app_common.app_constant import AppConstants, ValidateType
+
+from ..algorithms import get_algorithm
+from ..config import make_config
+from ..data.layout import write_json_atomic
+from ..data.pipeline import load_site
+from ..trainer import SiteTrainer
+from .site_config import resolve_site_data
+
+__all__ = ["LCFedLearner", "CHECKPOINT_DIR", "BEST", "LAST", "HISTORY"]
+
+CHECKPOINT_DIR = "lcfed"
+BEST = "best.pt"
+LAST = "last.pt"
+HISTORY = "history.json"
+
+
+class LCFedLearner(Learner):
+    """Runs one site of an LC-Fed (or baseline) federation.
+
+    Args:
+        algorithm: registry name (``lcfed``, ``fedavg``, ...).
+        sites: the ordered site list of the federation; a site's index in it is its one-hot index.
+        preset: ``paper``, ``demo`` or ``tiny``.
+        options: overrides of the preset (``rounds``, ``iterations``, ``seed`` ...).
+        in_channels: image channels the job's model expects (checked against the site's data).
+        n_classes: output classes the job's model expects (checked against the site's data).
+        data_root: fallback data location (normally empty; sites configure their own, see
+            :mod:`lcfed.fl.site_config`).
+        num_threads: torch CPU threads for this site's process (0 leaves torch's default).
+        tb_writer_id: id of the client's TBWriter component ("" to disable TensorBoard).
+    """
+
+    # exported to the job config even when equal to the default (FLARE drops defaults otherwise)
+    _always_serialize_args = ("algorithm", "sites", "preset", "options", "in_channels", "n_classes")
+
+    def __init__(
+        self,
+        algorithm: str = "lcfed",
+        sites: list[str] | None = None,
+        preset: str = "demo",
+        options: dict[str, Any] | None = None,
+        in_channels: int = 1,
+        n_classes: int = 1,
+        data_root: str = "",
+        num_threads: int = 0,
+        tb_writer_id: str = "tb_writer",
+    ):
+        super().__init__()
+        self.algorithm = algorithm
+        self.sites = sites
+        self.preset = preset
+        self.options = options
+        self.in_channels = in_channels
+        self.n_classes = n_classes
+        self.data_root = data_root
+        self.num_threads = num_threads
+        self.tb_writer_id = tb_writer_id
+        self.trainer: SiteTrainer | None = None
+        self.writer = None
+        self.site = ""
+        self.ckpt_dir: Path | None = None
+        self.best_dice = -1.0
+        self.history: list[dict[str, Any]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def initialize(self, parts: dict, fl_ctx: FLContext) -> None:
+        self.site = fl_ctx.get_identity_name()
+        sites = list(self.sites or [])
+        if not sites:
+            raise ValueError("the job lists no sites (LCFedLearner.sites is empty)")
+        if self.site not in sites:
+            raise ValueError(
+                f"site {self.site!r} is not in the job's site list {sites}: add it to the job (the order of the list "
+                "fixes each site's one-hot index) or start the client under one of these names"
+            )
+        if self.num_threads > 0:
+            torch.set_num_threads(self.num_threads)
+        config = make_config(self.preset, **(self.options or {}))
+        algorithm = get_algorithm(self.algorithm)
+        workspace = fl_ctx.get_engine().get_workspace()
+        location = resolve_site_data(self.site, workspace.get_root_dir(), self.data_root)
+        self.log_info(fl_ctx, f"site {self.site}: data from {location.site_dir} ({location.source})")
+        data = load_site(location.data_root, self.site, config.size, site_dir=location.site_dir)
+        if data.info.channels != self.in_channels or data.info.n_classes != self.n_classes:
+            raise ValueError(
+                f"site {self.site!r}: the job's model takes {self.in_channels} channel(s) and predicts "
+                f"{self.n_classes} class(es), but the site's data ({location.data_root}/dataset.json) has "
+                f"{data.info.channels} channel(s) and classes {list(data.info.labels)}"
+            )
+        self.trainer = SiteTrainer(algorithm, config, data, sites, self.site)
+        self.ckpt_dir = Path(workspace.get_app_dir(fl_ctx.get_job_id())) / CHECKPOINT_DIR
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        last = self.ckpt_dir / LAST
+        if last.is_file():
+            # this site ran part of this job before (restarted process, or a simulator client swapped
+            # out): continue from its own personalized state instead of starting over
+            meta = self.trainer.load(last)
+            self.history = list(self.trainer.history)
+            self.best_dice = max((h["val_dice"] for h in self.history), default=-1.0)
+            self.log_info(fl_ctx, f"site {self.site}: resumed from {last} (round {meta.get('round')})")
+        if self.tb_writer_id:
+            self.writer = parts.get(self.tb_writer_id)
+        split_sizes = {k: len(v) for k, v in data.splits.items()}
+        self.log_info(
+            fl_ctx,
+            f"site {self.site}: {algorithm.description}, preset {config.preset}, device {self.trainer.device}, "
+            f"slices {split_sizes}, personal checkpoints in {self.ckpt_dir}",
+        )
+
+    # -- tasks -------------------------------------------------------------------------------------
+    def train(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        trainer = self.trainer
+        dxo = from_shareable(data)
+        round_idx = int(data.get_header(AppConstants.CURRENT_ROUND, trainer.round))
+        total = int(data.get_header(AppConstants.NUM_ROUNDS, trainer.config.rounds))
+        trainer.receive(dxo.data)
+        stats = trainer.train_round(round_idx, should_stop=lambda: abort_signal.triggered)
+        if stats["aborted"]:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        t0 = time.perf_counter()
+        val = trainer.evaluate("validation", surface=False)
+        stats["val_time"] = time.perf_counter() - t0
+        record = {**stats, "val_dice": val["dice"], "val_iou": val["iou"], "total_rounds": total}
+        self.history.append(record)
+        trainer.history = self.history
+        improved = val["dice"] > self.best_dice
+        if improved:
+            self.best_dice = val["dice"]
+            trainer.save(self.ckpt_dir / BEST, round=round_idx, val_dice=val["dice"])
+        trainer.save(self.ckpt_dir / LAST, round=round_idx, val_dice=val["dice"])
+        write_json_atomic(self.ckpt_dir / HISTORY, self.history)
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.endswith(("loss", "contrastive")))
+        self.log_info(
+            fl_ctx,
+            f"site {self.site} round {round_idx + 1}/{total}: {losses}; val dice {val['dice']:.4f}"
+            f"{' (best)' if improved else ''}; train {stats['train_time']:.1f} s",
+        )
+        self._tensorboard(record, round_idx)
+        outgoing = trainer.outgoing()
+        meta = {
+            MetaKey.NUM_STEPS_CURRENT_ROUND: int(stats["steps"]),
+            # a dict, never a bare float: FLARE 2.9 drops results whose INITIAL_METRICS is a float
+            MetaKey.INITIAL_METRICS: {"val_dice": float(val["dice"])},
+            "n_train": trainer.data.n_train,
+        }
+        return DXO(data_kind=DataKind.WEIGHTS, data=outgoing, meta=meta).to_shareable()
+
+    def validate(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if data.get_header(AppConstants.VALIDATE_TYPE) == ValidateType.BEFORE_TRAIN_VALIDATE:
+            # validation runs after local training (on the personalized model), inside train()
+            return make_reply(ReturnCode.TASK_UNSUPPORTED)
+        val = self.trainer.evaluate("validation", surface=False)
+        return DXO(data_kind=DataKind.METRICS, data={"val_dice": val["dice"], "val_iou": val["iou"]}).to_shareable()
+
+    def finalize(self, fl_ctx: FLContext) -> None:
+        if self.ckpt_dir is not None and self.history:
+            summary = {"site": self.site, "best_val_dice": self.best_dice, "rounds": len(self.history)}
+            write_json_atomic(self.ckpt_dir / "summary.json", summary)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _tensorboard(self, record: dict[str, Any], step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key in ("round", "total_rounds", "aborted") or not isinstance(value, (int, float)):
+                continue
+            self.writer.add_scalar(key, float(value), global_step=step)
+
+
+def read_history(ckpt_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """A site's per-round record (written by the learner each round)."""
+    path = Path(ckpt_dir) / HISTORY
+    return json.loads(path.read_text()) if path.is_file() else []

@@ -1,0 +1,189 @@
+"""``python -m lcfed run``: export the job, run it in FLARE's simulator, evaluate, write ``results/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .data.layout import load_dataset_info
+from .jobs import JobSpec, export_job
+
+__all__ = ["RunFailed", "prepare_workspace", "run_simulator", "simulator_checkpoints", "check_rounds", "run_and_report"]
+
+# lines of the FLARE log worth showing on the console without --verbose
+PROGRESS = re.compile(
+    r"(site \S+ round \d+/\d+|round \d+: aggregated|Round \d+ started|site \S+: data from|site \S+: .*preset|"
+    r"ERROR|Error|Exception|Traceback|^\s+File |raise |Finished FedAvg)"
+)
+
+
+class RunFailed(RuntimeError):
+    """The FL run did not train every round it was asked to (or FLARE reported a failure)."""
+
+
+def _stream(cmd: list[str], env: dict[str, str], log_file: Path, verbose: bool, show: Callable[[str], None]) -> int:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(log_file, "w") as log,
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        ) as proc,
+    ):
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if verbose or PROGRESS.search(line):
+                    show(line.rstrip())
+            return proc.wait()
+        except BaseException:
+            # stop the whole simulator process group (server + clients) before re-raising
+            import signal
+
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+            raise
+
+
+def simulator_checkpoints(sim_ws: str | os.PathLike, sites: list[str], which: str = "best.pt") -> dict[str, Path]:
+    """Each site's personalized checkpoint inside a simulator workspace."""
+    out = {}
+    for s in sites:
+        path = Path(sim_ws) / s / "simulate_job" / f"app_{s}" / "lcfed" / which
+        if not path.is_file():
+            raise RunFailed(f"site {s!r} wrote no personalized checkpoint ({path} is missing)")
+        out[s] = path
+    return out
+
+
+def check_rounds(rounds_file: str | os.PathLike, expected_rounds: int, sites: list[str]) -> dict[str, Any]:
+    """The server's round record must show every round aggregated from at least one site."""
+    path = Path(rounds_file)
+    if not path.is_file():
+        raise RunFailed(f"the server aggregated no round ({path} is missing): the run did nothing")
+    record = json.loads(path.read_text())
+    rounds = record.get("rounds", [])
+    if len(rounds) != expected_rounds:
+        raise RunFailed(f"the server aggregated {len(rounds)} of {expected_rounds} rounds ({path})")
+    empty = [r["round"] for r in rounds if not r.get("sites")]
+    if empty:
+        raise RunFailed(f"rounds {empty} aggregated zero results")
+    return record
+
+
+RUN_ENTRIES = ("job", "simulator", "results", "simulator.log")
+
+
+def prepare_workspace(workspace: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to mix two runs in one workspace; with ``overwrite`` remove the previous run's entries."""
+    import shutil
+
+    workspace = Path(workspace)
+    present = [workspace / e for e in RUN_ENTRIES if (workspace / e).exists()]
+    if present and not overwrite:
+        raise FileExistsError(
+            f"{workspace} already holds a run ({', '.join(p.name for p in present)}); "
+            "choose another --workspace or pass --overwrite"
+        )
+    for p in present:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def run_simulator(
+    spec: JobSpec,
+    data_dir: str | os.PathLike,
+    workspace: str | os.PathLike,
+    parallel: int | None = None,
+    verbose: bool = False,
+    show: Callable[[str], None] = print,
+) -> Path:
+    """Export ``spec`` to ``workspace/job``, run it in the simulator under ``workspace/simulator``.
+
+    Returns the simulator workspace. Raises :class:`RunFailed` unless every round was aggregated.
+    """
+    workspace = Path(workspace).resolve()
+    data_dir = Path(data_dir).resolve()
+    cpus = os.cpu_count() or 1
+    # one simulator client per site at a time: with fewer, FLARE swaps clients in and out every round
+    # (each swap restarts the site's process state, which the learner then reloads from its checkpoint)
+    parallel = parallel or len(spec.sites)
+    if not spec.num_threads:
+        spec.num_threads = max(1, cpus // parallel)
+    job_dir = export_job(spec, workspace / "job")
+    sim_ws = workspace / "simulator"
+    cmd = [
+        sys.executable,
+        "-m",
+        "nvflare.private.fed.app.simulator.simulator",
+        str(job_dir),
+        "-w",
+        str(sim_ws),
+        "-c",
+        ",".join(spec.sites),
+        "-t",
+        str(parallel),
+    ]
+    env = dict(os.environ)
+    env["LCFED_DATA_ROOT"] = str(data_dir)
+    env.setdefault("OMP_NUM_THREADS", str(spec.num_threads))
+    show(
+        f"running {spec.job_name} in the FLARE simulator: {len(spec.sites)} sites, {spec.rounds} rounds, "
+        f"{parallel} client(s) at a time; log: {workspace / 'simulator.log'}"
+    )
+    t0 = time.perf_counter()
+    rc = _stream(cmd, env, workspace / "simulator.log", verbose, show)
+    if rc != 0:
+        raise RunFailed(f"the FLARE simulator exited with code {rc}; see {workspace / 'simulator.log'}")
+    check_rounds(sim_ws / "server" / "simulate_job" / "app_server" / "lcfed_rounds.json", spec.rounds, spec.sites)
+    show(f"simulation finished in {time.perf_counter() - t0:.0f} s")
+    return sim_ws
+
+
+def run_and_report(
+    algo: str,
+    data_dir: str | os.PathLike,
+    workspace: str | os.PathLike,
+    preset: str = "demo",
+    options: dict[str, Any] | None = None,
+    parallel: int | None = None,
+    verbose: bool = False,
+    show: Callable[[str], None] = print,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run ``algo`` on every site of ``data_dir`` in the simulator and write ``workspace/results``.
+
+    A workspace that already holds a run is refused unless ``overwrite`` (which deletes that run's
+    ``job/``, ``simulator/``, ``results/`` and log, nothing else).
+    """
+    from .evaluation import evaluate_checkpoints, write_results
+    from .reports import results_table
+
+    info = load_dataset_info(data_dir)
+    prepare_workspace(workspace, overwrite)
+    spec = JobSpec(
+        algorithm=algo,
+        sites=list(info.sites),
+        preset=preset,
+        options=dict(options or {}),
+        in_channels=info.channels,
+        n_classes=info.n_classes,
+    )
+    sim_ws = run_simulator(spec, data_dir, workspace, parallel, verbose, show)
+    evaluation = evaluate_checkpoints(data_dir, simulator_checkpoints(sim_ws, spec.sites))
+    results = write_results(Path(workspace) / "results", evaluation, title=f"{algo} on {info.name}")
+    show(f"\nTest metrics of each site's personalized model ({algo}, {info.name}):\n")
+    show(results_table(results))
+    show(
+        f"\nresults: {Path(workspace) / 'results'} (metrics.json, summary.md, curves.png, overlays.png); "
+        f"TensorBoard: tensorboard --logdir {sim_ws / 'server' / 'simulate_job' / 'tb_events'}"
+    )
+    return results

@@ -1,0 +1,72 @@
+"""End to end in FLARE's simulator: 2 sites, 2 rounds, tiny preset (the same path as the quick start)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lcfed.fl.aggregator import ROUNDS_FILE
+from lcfed.run import RunFailed, run_and_report
+
+pytestmark = pytest.mark.e2e
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def test_simulator_run_trains_for_real_and_writes_results(tiny_data2, tmp_path):
+    ws = tmp_path / "run"
+    results = run_and_report("lcfed", tiny_data2, ws, preset="tiny", options={"rounds": 2}, show=quiet)
+    sites = ["site-a", "site-b"]
+    # every round aggregated both sites, and the global shared model moved every round
+    record = json.loads((ws / "simulator/server/simulate_job/app_server" / ROUNDS_FILE).read_text())
+    assert [r["round"] for r in record["rounds"]] == [0, 1]
+    for r in record["rounds"]:
+        assert sorted(r["sites"]) == sites
+        assert r["n_shared_keys"] > 0 and r["n_bank_keys"] == 2 * len(sites)
+        assert r["shared_change"] > 0
+    # the server keeps the shared model and the head bank, never HC
+    glob = torch.load(ws / "simulator/server/simulate_job/app_server/FL_global_model.pt", weights_only=True)
+    assert {k.split("/")[1] for k in glob["params"] if k.startswith("head_bank/")} == set(sites)
+    assert not any(k.startswith(("hc.", "head.")) for k in glob["params"])
+    # personalized checkpoints at each site; per-site TensorBoard events on the server
+    for s in sites:
+        app = ws / f"simulator/{s}/simulate_job/app_{s}/lcfed"
+        assert (app / "best.pt").is_file() and (app / "last.pt").is_file()
+        assert len(json.loads((app / "history.json").read_text())) == 2
+        assert any((ws / f"simulator/server/simulate_job/tb_events/{s}").iterdir())
+    # results
+    out = ws / "results"
+    for name in ("metrics.json", "summary.md", "curves.png", "overlays.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["algo"] == "lcfed" and sorted(metrics["sites"]) == sites
+    for m in list(metrics["sites"].values()) + [metrics["mean"]]:
+        assert 0.0 <= m["dice"] <= 1.0 and m["hd95"] >= 0
+    assert results["mean"]["dice"] == metrics["mean"]["dice"]
+    assert "mean over sites" in (out / "summary.md").read_text()
+
+
+def test_a_broken_site_fails_the_run_loudly(tiny_data2, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data2, data)
+    (data / "site-b" / "datalist.json").write_text("{ not json")
+    ws = tmp_path / "run"
+    with pytest.raises(RunFailed, match="exited with code"):
+        run_and_report("lcfed", data, ws, preset="tiny", options={"rounds": 2}, show=quiet)
+    log = (ws / "simulator.log").read_text()
+    assert "site 'site-b'" in log and "datalist.json" in log and "malformed JSON" in log
+    assert not (ws / "results").exists()
+
+
+def test_a_workspace_with_a_previous_run_is_not_mixed_up(tiny_data2, tmp_path):
+    ws = tmp_path / "run"
+    (ws / "results").mkdir(parents=True)
+    (ws / "results" / "metrics.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_and_report("lcfed", tiny_data2, ws, preset="tiny", options={"rounds": 1}, show=quiet)
+    assert (ws / "results" / "metrics.json").read_text() == "{}"  # nothing saved before is lost

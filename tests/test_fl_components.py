@@ -1,0 +1,212 @@
+"""FLARE adapters without a running FLARE: the aggregator, the learner's task handling, the job export."""
+
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AppConstants
+
+from lcfed.algorithms import get_algorithm
+from lcfed.config import make_config
+from lcfed.contract import BANK_PREFIX, ContractViolation, bank_key
+from lcfed.fl.aggregator import HeadBankAggregator
+from lcfed.fl.learner import LCFedLearner
+from lcfed.fl.persistor import GlobalStatePersistor
+from lcfed.fl.reference import reference_model
+from lcfed.jobs import export_committed_jobs
+
+SITES = ["site-a", "site-b", "site-c"]
+MODEL_ARGS = dict(algorithm="lcfed", sites=SITES, preset="tiny", options=None, in_channels=1, n_classes=2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def outgoing_like(value: float) -> dict[str, np.ndarray]:
+    algo, model, _ = reference_model(**MODEL_ARGS)
+    return {
+        k: np.full(tuple(v.shape), value, np.float32)
+        for k, v in algo.contract.select_outgoing(model.state_dict()).items()
+    }
+
+
+def result(site: str, value: float, params=None) -> FLModel:
+    return FLModel(
+        params_type=ParamsType.FULL,
+        params=params if params is not None else outgoing_like(value),
+        metrics={"val_dice": value},
+        meta={"client_name": site, "n_train": 10, MetaKey.NUM_STEPS_CURRENT_ROUND: 3},
+    )
+
+
+def test_aggregator_averages_shared_banks_heads_and_sends_all_heads_back():
+    agg = HeadBankAggregator(**MODEL_ARGS)
+    agg.reset_stats()
+    for i, s in enumerate(SITES):
+        agg.accept_model(result(s, float(i)))
+    out = agg.aggregate_model()
+    params = out.params
+    contract = get_algorithm("lcfed").contract
+    shared = [k for k in params if not k.startswith(BANK_PREFIX)]
+    assert shared and all(contract.is_shared(k) for k in shared)
+    assert all(np.allclose(params[k], 1.0) for k in shared)  # mean of 0, 1, 2
+    assert not any(k.startswith(("head.", "hc.")) for k in params)  # personal keys never averaged or sent as such
+    for i, s in enumerate(SITES):  # one head per site, each unchanged
+        assert np.all(params[bank_key(s, "head.weight")] == float(i))
+        assert np.all(params[bank_key(s, "head.bias")] == float(i))
+    assert len([k for k in params if k.startswith(BANK_PREFIX)]) == 2 * len(SITES)
+    assert out.metrics["val_dice"] == pytest.approx(1.0)
+    assert agg.rounds[-1]["shared_change"] > 0
+
+
+def test_aggregator_raises_on_an_empty_round():
+    agg = HeadBankAggregator(**MODEL_ARGS)
+    agg.reset_stats()
+    with pytest.raises(RuntimeError, match="no client result"):
+        agg.aggregate_model()
+
+
+def test_aggregator_rejects_a_result_that_breaks_the_contract_naming_the_site():
+    agg = HeadBankAggregator(**MODEL_ARGS)
+    agg.reset_stats()
+    leaking = outgoing_like(0.0)
+    leaking["hc.conv.weight"] = np.zeros((2, 16, 3, 3), np.float32)
+    with pytest.raises(ContractViolation, match="site 'site-b'.*hc.conv.weight"):
+        agg.accept_model(result("site-b", 0.0, leaking))
+    with pytest.raises(ValueError, match="not in the job's site list"):
+        agg.accept_model(result("intruder", 0.0))
+
+
+def test_persistor_initial_model_is_the_shared_part_of_the_seeded_model():
+    from nvflare.app_common.abstract.model import ModelLearnableKey
+
+    learnable = GlobalStatePersistor(**MODEL_ARGS).load_model(fl_ctx=_FakeCtx())
+    weights = learnable[ModelLearnableKey.WEIGHTS]
+    algo, model, _ = reference_model(**MODEL_ARGS)
+    assert set(weights) == set(algo.contract.shared_keys(model.state_dict()))
+
+
+class _FakeEngine:
+    def __init__(self, root: Path | None = None):
+        self.root = root
+
+    def get_workspace(self):
+        return self
+
+    def get_root_dir(self):
+        return str(self.root)
+
+    def get_app_dir(self, job_id):
+        return str(self.root / job_id / "app")
+
+
+class _FakeCtx(FLContext):
+    """A real FLContext with a stub engine: enough for the components' lifecycle outside FLARE."""
+
+    def __init__(self, root: Path | None = None, identity: str = "site-a"):
+        super().__init__()
+        self._engine = _FakeEngine(root)
+        self._identity = identity
+
+    def get_engine(self):
+        return self._engine
+
+    def get_identity_name(self, default=""):
+        return self._identity
+
+    def get_job_id(self, default=""):
+        return "job1"
+
+
+@pytest.fixture
+def learner(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("LCFED_DATA_ROOT", tiny_data)
+    lrn = LCFedLearner(**MODEL_ARGS, tb_writer_id="")
+    lrn.initialize({}, _FakeCtx(tmp_path, "site-a"))
+    return lrn
+
+
+def train_task(params, round_idx=0, total=2):
+    shareable = DXO(data_kind=DataKind.WEIGHTS, data=params).to_shareable()
+    shareable.set_header(AppConstants.CURRENT_ROUND, round_idx)
+    shareable.set_header(AppConstants.NUM_ROUNDS, total)
+    return shareable
+
+
+def test_learner_merges_global_keeps_personal_and_returns_shared_plus_head(learner, tmp_path):
+    model = learner.trainer.model
+    personal = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("head.", "hc."))}
+    glob = {k: v.numpy() for k, v in model.state_dict().items() if learner.trainer.contract.is_shared(k)}
+    glob = {k: np.zeros_like(v) for k, v in glob.items()}
+    glob[bank_key("site-b", "head.weight")] = np.ones(tuple(model.head.weight.shape), np.float32)
+    glob[bank_key("site-b", "head.bias")] = np.ones(tuple(model.head.bias.shape), np.float32)
+
+    # the merge alone: shared replaced, personal untouched, the bank filled
+    learner.trainer.receive(glob)
+    state = model.state_dict()
+    assert all(torch.count_nonzero(state[k]) == 0 for k in glob if not k.startswith(BANK_PREFIX))
+    assert all(torch.equal(state[k], v) for k, v in personal.items())
+    assert learner.trainer.ctx.head_bank.sites() == ["site-b"]
+
+    reply = learner.train(train_task(glob), _FakeCtx(tmp_path, "site-a"), Signal())
+    dxo = from_shareable(reply)
+    assert dxo.data_kind == DataKind.WEIGHTS
+    assert set(dxo.data) == {k for k in model.state_dict() if not k.startswith("hc.")}
+    assert dxo.meta[MetaKey.NUM_STEPS_CURRENT_ROUND] == make_config("tiny").iterations
+    assert isinstance(dxo.meta[MetaKey.INITIAL_METRICS], dict)  # never a bare float (FLARE pitfall 1)
+    ckpt = tmp_path / "job1" / "app" / "lcfed"
+    assert (ckpt / "best.pt").is_file() and (ckpt / "last.pt").is_file() and (ckpt / "history.json").is_file()
+
+
+def test_learner_resumes_its_own_state_after_a_restart(learner, tiny_data, tmp_path, monkeypatch):
+    glob = {
+        k: v.numpy() for k, v in learner.trainer.model.state_dict().items() if learner.trainer.contract.is_shared(k)
+    }
+    learner.train(train_task(glob, 0), _FakeCtx(tmp_path, "site-a"), Signal())
+    before = {k: v.clone() for k, v in learner.trainer.model.state_dict().items()}
+    again = LCFedLearner(**MODEL_ARGS, tb_writer_id="")
+    again.initialize({}, _FakeCtx(tmp_path, "site-a"))
+    assert again.trainer.round == 1 and len(again.history) == 1
+    for k, v in again.trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_learner_refuses_a_site_outside_the_job(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("LCFED_DATA_ROOT", tiny_data)
+    lrn = LCFedLearner(**{**MODEL_ARGS, "sites": ["site-b", "site-c"]}, tb_writer_id="")
+    with pytest.raises(ValueError, match="'site-a' is not in the job's site list"):
+        lrn.initialize({}, _FakeCtx(tmp_path, "site-a"))
+
+
+def test_learner_checks_the_model_against_the_site_data(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("LCFED_DATA_ROOT", tiny_data)
+    lrn = LCFedLearner(**{**MODEL_ARGS, "n_classes": 3}, tb_writer_id="")
+    with pytest.raises(ValueError, match="3 class"):
+        lrn.initialize({}, _FakeCtx(tmp_path, "site-a"))
+
+
+def test_committed_jobs_equal_a_fresh_export(tmp_path):
+    export_committed_jobs(tmp_path)
+    for job in tmp_path.iterdir():
+        committed = REPO / "jobs" / job.name
+        assert committed.is_dir(), f"jobs/{job.name} is not committed; run: python -m lcfed job export-committed"
+        cmp = filecmp.dircmp(job, committed, ignore=["__pycache__"])
+        diffs = _diff(cmp)
+        assert not diffs, f"jobs/{job.name} differs from a fresh export ({diffs[:5]}); re-export it"
+
+
+def _diff(cmp: filecmp.dircmp, prefix: str = "") -> list[str]:
+    out = [prefix + n for n in cmp.left_only + cmp.right_only + cmp.diff_files + cmp.funny_files]
+    # dircmp compares shallowly (size and mtime); compare contents
+    out += [
+        prefix + n for n in cmp.same_files if not filecmp.cmp(Path(cmp.left) / n, Path(cmp.right) / n, shallow=False)
+    ]
+    for name, sub in cmp.subdirs.items():
+        out += _diff(sub, prefix + name + "/")
+    return out

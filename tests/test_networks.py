@@ -1,0 +1,126 @@
+"""The network, PCS and the contrastive term at the level of their maths (method.md sections 2-4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcfed.algorithms import get_algorithm
+from lcfed.networks import LCFedUNet, PersonalizedChannelSelection, contrastive_site_loss
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_paper_preset_parameter_count():
+    # 1 channel, 1 class, n=16: the paper's "about 3.2 M parameters"
+    model = LCFedUNet(in_channels=1, n_classes=1, width=16, n_sites=6)
+    assert 3.1e6 <= n_params(model) <= 3.3e6
+
+
+def test_unet_shapes_and_feature_width():
+    model = LCFedUNet(in_channels=3, n_classes=2, width=4, n_sites=3)
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.features(x, 1)
+    assert feats.feature.shape == (2, 8, 32, 32)  # F has 2n channels at full resolution
+    assert feats.bottleneck.shape == (2, 64, 2, 2)  # 16n channels at 1/16
+    assert feats.attention.shape == (2, 64, 1, 1)
+    assert model(x, 1).shape == (2, 2, 32, 32)
+
+
+def test_instance_norm_holds_no_parameters():
+    model = LCFedUNet(1, 1, 4, 2, use_pcs=False, use_hc=False)
+    assert not any(".norm." in k for k in model.state_dict())
+    bn = LCFedUNet(1, 1, 4, 2, norm="batch", use_pcs=False, use_hc=False)
+    assert any(k.endswith(".norm.running_mean") for k in bn.state_dict())
+
+
+def test_pcs_soft_gate_formula():
+    torch.manual_seed(0)
+    pcs = PersonalizedChannelSelection(channels=32, n_sites=3, reduction=16)
+    f = torch.randn(2, 32, 4, 4)
+    site = torch.tensor([2, 2])
+    out, m = pcs(f, site)
+    # M = sigmoid(g([avg; xi]) + g([max; xi])), f' = f * (1 + M)
+    onehot = torch.zeros(2, 3, 1, 1)
+    onehot[:, 2] = 1
+    xi = pcs.embed(onehot)
+    avg = f.mean(dim=(2, 3), keepdim=True)
+    mx = f.amax(dim=(2, 3), keepdim=True)
+    expected = torch.sigmoid(pcs.mlp(torch.cat([avg, xi], 1)) + pcs.mlp(torch.cat([mx, xi], 1)))
+    torch.testing.assert_close(m, expected)
+    torch.testing.assert_close(out, f * (1 + expected))
+    # the site changes the gate
+    _, m0 = pcs(f, torch.tensor([0, 0]))
+    assert not torch.allclose(m0, m)
+
+
+def test_pcs_parameters_receive_gradients_from_contrastive_term_and_change():
+    torch.manual_seed(0)
+    model = LCFedUNet(1, 1, 4, n_sites=3)
+    x = torch.randn(2, 1, 32, 32)
+    feats = model.features(x, 1)
+    loss = contrastive_site_loss(model.pcs, feats.bottleneck, site=1)
+    model.zero_grad()
+    loss.backward()
+    pcs_grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("pcs.")}
+    assert pcs_grads and all(g is not None and g.abs().sum() > 0 for g in pcs_grads.values())
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("pcs.")}
+    torch.optim.Adam(model.pcs.parameters(), lr=1e-2).step()
+    for n, p in model.named_parameters():
+        if n.startswith("pcs."):
+            assert not torch.equal(before[n], p.detach()), n
+
+
+def test_contrastive_gradient_reaches_only_pcs():
+    torch.manual_seed(0)
+    model = LCFedUNet(1, 1, 4, n_sites=3)
+    feats = model.features(torch.randn(2, 1, 32, 32), 0)
+    model.zero_grad()
+    contrastive_site_loss(model.pcs, feats.bottleneck, site=0).backward()
+    for n, p in model.named_parameters():
+        if n.startswith("pcs."):
+            continue
+        assert p.grad is None or p.grad.abs().sum() == 0, f"{n} received a contrastive gradient"
+
+
+def test_contrastive_value_is_minus_mean_mse_to_other_sites():
+    torch.manual_seed(0)
+    pcs = PersonalizedChannelSelection(16, n_sites=3, reduction=4)
+    f = torch.randn(2, 16, 2, 2)
+    loss = contrastive_site_loss(pcs, f, site=1)
+    m = [pcs.attention(f, torch.full((2,), k)) for k in range(3)]
+    expected = -0.5 * (((m[1] - m[0]) ** 2).mean() + ((m[1] - m[2]) ** 2).mean())
+    torch.testing.assert_close(loss, expected)
+    # one site: no other embedding to push away from
+    single = PersonalizedChannelSelection(16, n_sites=1, reduction=4)
+    assert float(contrastive_site_loss(single, f, site=0)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "name,personal,banked",
+    [
+        (
+            "lcfed",
+            {"head.weight", "head.bias", "hc.trained", "hc.conv.weight", "hc.conv.bias"},
+            {"head.weight", "head.bias"},
+        ),
+        (
+            "lcfed-staged",
+            {"head.weight", "head.bias", "hc.trained", "hc.conv.weight", "hc.conv.bias"},
+            {"head.weight", "head.bias"},
+        ),
+        ("fedavg", set(), set()),
+    ],
+)
+def test_personal_key_set(name, personal, banked):
+    from lcfed.algorithms import ModelSpec
+
+    algo = get_algorithm(name)
+    model = algo.build_model(ModelSpec(1, 2, 3, 4))
+    keys = list(model.state_dict())
+    assert {k for k in keys if algo.contract.is_personal(k)} == personal
+    assert set(algo.contract.banked_keys(keys)) == banked
+    # PCS is shared (averaged), never personal
+    assert all(algo.contract.is_shared(k) for k in keys if k.startswith("pcs."))

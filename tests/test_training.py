@@ -1,0 +1,251 @@
+"""The local step, the trainer's federation interface and the server maths, without FLARE."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lcfed.aggregation import HeadBankAggregation
+from lcfed.algorithms import get_algorithm
+from lcfed.config import make_config
+from lcfed.contract import BANK_PREFIX, ContractViolation, bank_key
+from lcfed.data.pipeline import load_site
+from lcfed.federation import build_trainers, run_federation
+from lcfed.losses import soft_dice_loss
+from lcfed.trainer import CheckpointMismatch, SiteTrainer
+
+
+def snapshot(model: torch.nn.Module, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+
+def changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]:
+    state = model.state_dict()
+    return {k for k, v in before.items() if not torch.equal(v, state[k])}
+
+
+BODY = ("encoder.", "pcs.", "decoder.")
+
+
+@pytest.fixture
+def trainer(tiny_data):
+    cfg = make_config("tiny", iterations=4, personal_iterations=2)
+    data = load_site(tiny_data, "site-a", cfg.size)
+    return SiteTrainer(get_algorithm("lcfed"), cfg, data, ["site-a", "site-b", "site-c"], "site-a")
+
+
+def batch(trainer, n=2):
+    train = trainer.data.splits["training"]
+    return train.images[:n], train.labels[:n]
+
+
+def test_soft_dice_is_batch_level_and_class_averaged():
+    p = torch.zeros(2, 2, 2, 2)
+    y = torch.zeros(2, 2, 2, 2)
+    p[0, 0, 0, 0] = 1.0
+    y[0, 0, 0, 0] = 1.0  # class 0 perfect
+    y[1, 1, 0, 0] = 1.0  # class 1 missed entirely
+    expected = 1 - ((2 + 1e-5) / (2 + 1e-5) + (1e-5) / (1 + 1e-5)) / 2
+    assert float(soft_dice_loss(p, y)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_head_only_iterations_leave_shared_parameters_unchanged(trainer):
+    image, label = batch(trainer)
+    body, head, hc = (
+        snapshot(trainer.model, BODY),
+        snapshot(trainer.model, ("head.",)),
+        snapshot(trainer.model, ("hc.",)),
+    )
+    trainer.algorithm.train_step(trainer.ctx, image, label, iteration=0, round_idx=0)  # personal phase
+    assert changed(body, trainer.model) == set()
+    assert changed(head, trainer.model) == set(head)
+    assert changed(hc, trainer.model) >= {"hc.conv.weight", "hc.conv.bias"}  # joint HC step
+
+
+def test_shared_iterations_leave_the_head_unchanged(trainer):
+    image, label = batch(trainer)
+    body, head = snapshot(trainer.model, BODY), snapshot(trainer.model, ("head.",))
+    trainer.algorithm.train_step(trainer.ctx, image, label, iteration=3, round_idx=0)  # shared phase
+    assert changed(head, trainer.model) == set()
+    # every shared parameter moves, PCS included (Dice + contrastive term)
+    assert changed(body, trainer.model) == set(body)
+    assert any(k.startswith("pcs.") for k in changed(body, trainer.model))
+
+
+def test_staged_schedule_trains_only_hc_after_start_round(tiny_data):
+    cfg = make_config("tiny", rounds=4, hc_start_fraction=0.5)
+    data = load_site(tiny_data, "site-b", cfg.size)
+    t = SiteTrainer(get_algorithm("lcfed-staged"), cfg, data, ["site-a", "site-b", "site-c"], "site-b")
+    image, label = batch(t)
+    assert not bool(t.model.hc.trained)
+    t.algorithm.train_step(t.ctx, image, label, iteration=5, round_idx=1)  # before hc_start_round = 2
+    assert not bool(t.model.hc.trained)  # the prediction is still P_i
+    net = snapshot(t.model, (*BODY, "head."))
+    hc = snapshot(t.model, ("hc.conv",))
+    t.algorithm.train_step(t.ctx, image, label, iteration=5, round_idx=2)
+    assert changed(net, t.model) == set()
+    assert changed(hc, t.model) == set(hc)
+    assert bool(t.model.hc.trained)
+
+
+def test_outgoing_is_shared_plus_head_never_hc(trainer):
+    out = trainer.outgoing()
+    keys = set(out)
+    assert {"head.weight", "head.bias"} <= keys
+    assert not any(k.startswith("hc.") for k in keys)
+    assert keys == {k for k in trainer.model_keys() if not k.startswith("hc.")}
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in out.values())
+
+
+def test_receive_merges_shared_and_keeps_personal(trainer):
+    image, label = batch(trainer)
+    trainer.train_round(0)
+    personal = snapshot(trainer.model, ("head.", "hc."))
+    glob = {
+        k: np.full(v.shape, 0.5, np.float32)
+        for k, v in trainer.model.state_dict().items()
+        if trainer.contract.is_shared(k)
+    }
+    glob[bank_key("site-b", "head.weight")] = np.ones_like(trainer.model.head.weight.detach().numpy())
+    glob[bank_key("site-b", "head.bias")] = np.ones(trainer.model.head.bias.shape, np.float32)
+    trainer.receive(glob)
+    state = trainer.model.state_dict()
+    assert all(torch.all(state[k] == 0.5) for k in glob if not k.startswith(BANK_PREFIX))
+    assert changed(personal, trainer.model) == set()
+    assert trainer.ctx.head_bank.sites() == ["site-b"]
+
+
+def test_receive_rejects_personal_unknown_and_misshapen_keys(trainer):
+    with pytest.raises(ContractViolation, match="personal"):
+        trainer.receive({"hc.conv.bias": np.zeros(2, np.float32)})
+    with pytest.raises(ContractViolation, match="unknown"):
+        trainer.receive({"nonsense.weight": np.zeros(2, np.float32)})
+    glob = {k: v.numpy() for k, v in trainer.model.state_dict().items() if trainer.contract.is_shared(k)}
+    glob["pcs.embed.0.weight"] = np.zeros((64, 5, 1, 1), np.float32)  # a 5-site model
+    with pytest.raises(ValueError, match="pcs.embed.0.weight"):
+        trainer.receive(glob)
+
+
+def test_site_not_in_list_and_duplicate_sites_fail(tiny_data):
+    cfg = make_config("tiny")
+    data = load_site(tiny_data, "site-a", cfg.size)
+    with pytest.raises(ValueError, match="not in the job's site list"):
+        SiteTrainer(get_algorithm("lcfed"), cfg, data, ["site-b", "site-c"], "site-a")
+    with pytest.raises(ValueError, match="more than once"):
+        SiteTrainer(get_algorithm("lcfed"), cfg, data, ["site-a", "site-a"], "site-a")
+
+
+# -- server maths ----------------------------------------------------------------------------------
+def fake_result(keys_shapes, value):
+    return {k: np.full(s, value, np.float32) for k, s in keys_shapes.items()}
+
+
+def model_shapes(algo="lcfed"):
+    from lcfed.algorithms import ModelSpec
+
+    model = get_algorithm(algo).build_model(ModelSpec(1, 2, 3, 4))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_aggregation_averages_shared_and_banks_heads():
+    shapes = model_shapes()
+    contract = get_algorithm("lcfed").contract
+    agg = HeadBankAggregation(contract, shapes)
+    outgoing = {k: s for k, s in shapes.items() if k in set(contract.outgoing_keys(shapes))}
+    for i, site in enumerate(["a", "b", "c"]):
+        agg.accept(site, fake_result(outgoing, float(i)), n_samples=10 * (i + 1))
+    out = agg.result()
+    for k in contract.shared_keys(shapes):
+        assert np.allclose(out[k], 1.0)  # uniform mean of 0, 1, 2
+    assert "head.weight" not in out and not any(k.startswith("hc.") for k in out)
+    for i, site in enumerate(["a", "b", "c"]):
+        assert np.all(out[bank_key(site, "head.weight")] == float(i))  # banked, not averaged
+    assert len([k for k in out if k.startswith(BANK_PREFIX)]) == 3 * 2
+
+    weighted = HeadBankAggregation(contract, shapes, weighting="samples")
+    for i, site in enumerate(["a", "b", "c"]):
+        weighted.accept(site, fake_result(outgoing, float(i)), n_samples=10 * (i + 1))
+    k = contract.shared_keys(shapes)[0]
+    assert np.allclose(weighted.result()[k], (0 * 10 + 1 * 20 + 2 * 30) / 60)
+
+
+def test_aggregation_raises_on_empty_round_and_on_contract_breach():
+    shapes = model_shapes()
+    contract = get_algorithm("lcfed").contract
+    agg = HeadBankAggregation(contract, shapes)
+    with pytest.raises(RuntimeError, match="no client result"):
+        agg.result()
+    leaking = fake_result(shapes, 0.0)  # everything, HC included
+    with pytest.raises(ContractViolation, match="site 'b'.*never leave"):
+        agg.accept("b", leaking)
+    outgoing = {k: s for k, s in shapes.items() if k in set(contract.outgoing_keys(shapes))}
+    partial = fake_result(outgoing, 0.0)
+    partial.pop("decoder.blocks.0.fuse.conv.weight")
+    with pytest.raises(ContractViolation, match="missing"):
+        agg.accept("c", partial)
+
+
+def test_stale_heads_are_kept_unless_dropped():
+    shapes = model_shapes()
+    contract = get_algorithm("lcfed").contract
+    outgoing = {k: s for k, s in shapes.items() if k in set(contract.outgoing_keys(shapes))}
+    for drop, expect in ((False, {"a", "b"}), (True, {"a"})):
+        agg = HeadBankAggregation(contract, shapes, drop_stale_heads=drop)
+        agg.accept("a", fake_result(outgoing, 0.0))
+        agg.accept("b", fake_result(outgoing, 1.0))
+        agg.result()
+        agg.reset()
+        agg.accept("a", fake_result(outgoing, 2.0))  # b dropped out this round
+        sites = {k.split("/")[1] for k in agg.result() if k.startswith(BANK_PREFIX)}
+        assert sites == expect
+
+
+# -- a whole (tiny) federation ---------------------------------------------------------------------
+def test_in_process_federation_trains_and_checkpoints_resume_exactly(tiny_data, tmp_path):
+    cfg = make_config("tiny", iterations=4, personal_iterations=1)
+    trainers = build_trainers("lcfed", tiny_data, cfg)
+    init = {k: v.clone() for k, v in trainers[0].model.state_dict().items()}
+    records = run_federation(trainers, rounds=2, log=None)
+    assert len(records) == 2
+    moved = [k for k, v in trainers[0].model.state_dict().items() if k.startswith(BODY) and not torch.equal(v, init[k])]
+    assert moved, "shared weights never changed"
+    # every site got every other site's head
+    for t in trainers:
+        assert t.ctx.head_bank.sites() == ["site-a", "site-b", "site-c"]
+
+    # a checkpoint restores model, optimizer, sampler and bank: the next round is identical
+    t = trainers[1]
+    t.save(tmp_path / "ckpt.pt")
+    twin = build_trainers("lcfed", tiny_data, cfg, sites=["site-a", "site-b", "site-c"])[1]
+    twin.load(tmp_path / "ckpt.pt")
+    a, b = t.train_round(), twin.train_round()
+    assert a["dice_loss"] == b["dice_loss"]
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, twin.model.state_dict()[k]), k
+
+
+def test_checkpoint_from_another_configuration_is_refused(tiny_data, tmp_path):
+    cfg = make_config("tiny")
+    t = build_trainers("lcfed", tiny_data, cfg, sites=["site-a", "site-b", "site-c"])[0]
+    t.save(tmp_path / "ckpt.pt")
+    other = build_trainers("fedavg", tiny_data, cfg, sites=["site-a", "site-b", "site-c"])[0]
+    with pytest.raises(CheckpointMismatch, match="algorithm"):
+        other.load(tmp_path / "ckpt.pt")
+    wider = build_trainers("lcfed", tiny_data, make_config("tiny", width=6), sites=["site-a", "site-b", "site-c"])[0]
+    with pytest.raises(CheckpointMismatch, match="width"):
+        wider.load(tmp_path / "ckpt.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointMismatch, match="cannot read"):
+        t.load(tmp_path / "garbage.pt")
+
+
+def test_same_seed_same_result(tiny_data):
+    cfg = make_config("tiny")
+    runs = []
+    for _ in range(2):
+        t = build_trainers("lcfed", tiny_data, cfg, sites=["site-a", "site-b", "site-c"])[2]
+        t.train_round(0)
+        runs.append(t.outgoing())
+    for k in runs[0]:
+        assert np.array_equal(runs[0][k], runs[1][k]), k
