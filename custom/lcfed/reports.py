@@ -63,17 +63,18 @@ def plot_curves(
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     per_round: dict[int, list[float]] = {}
     for site, hist in histories.items():
-        rounds = [h["round"] + 1 for h in hist]
-        dice = [h["val_dice"] for h in hist]
+        validated = [h for h in hist if "val_dice" in h]
+        rounds = [h["round"] + 1 for h in validated]
+        dice = [h["val_dice"] for h in validated]
         axes[0].plot(rounds, dice, marker="o", ms=3, label=site)
-        loss = [h.get("dice_loss", np.nan) for h in hist]
-        axes[1].plot(rounds, loss, label=site)
+        trained = [h for h in hist if "dice_loss" in h]
+        axes[1].plot([h["round"] + 1 for h in trained], [h["dice_loss"] for h in trained], label=site)
         for r, d in zip(rounds, dice):
             per_round.setdefault(r, []).append(d)
     if per_round:
         rs = sorted(per_round)
         axes[0].plot(rs, [np.mean(per_round[r]) for r in rs], "k--", lw=2, label="mean")
-    axes[0].set(xlabel="round", ylabel="validation Dice", title="validation Dice (personalized model)")
+    axes[0].set(xlabel="round", ylabel="validation Dice", title="validation Dice of the evaluated model")
     axes[1].set(xlabel="round", ylabel="training soft-Dice loss", title="training loss")
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -164,7 +164,8 @@ class SiteTrainer:
         """What leaves the site: the shared parameters plus the banked head, as float32 numpy arrays."""
         out = self.algorithm.outgoing_state(self.ctx)
         self.contract.check_outgoing(out, self.model_keys(), self.site)
-        return {k: v.detach().cpu().float().numpy() for k, v in out.items()}
+        # copies: the arrays must not alias the live parameters that the next round updates in place
+        return {k: v.detach().cpu().float().numpy().copy() for k, v in out.items()}
 
     # -- training ---------------------------------------------------------------------------------
     def _next_indices(self, n: int) -> list[int]:

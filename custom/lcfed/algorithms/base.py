@@ -125,6 +125,9 @@ class Algorithm(ABC):
     name: str = ""
     description: str = ""
     contract: KeyContract = KeyContract()
+    # True: a site is evaluated on its model after local training (its personalized model).
+    # False (FedAvg, FedProx): a site is evaluated on the global model it receives from the server.
+    personalized: bool = True
 
     @abstractmethod
     def build_model(self, spec: ModelSpec) -> nn.Module:

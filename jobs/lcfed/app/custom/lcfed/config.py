@@ -29,7 +29,8 @@ class TrainConfig:
         alpha: weight of the contrastive site-embedding term.
         hc_start_fraction: for the "staged" HC schedule, HC-only training starts at
             round ``int(hc_start_fraction * rounds)``.
-        fedprox_mu: proximal weight of FedProx (and Ditto's personal model).
+        fedprox_mu: proximal weight of FedProx.
+        ditto_lambda: proximal weight of Ditto's personal model.
         seed: seed of initialisation, sampling and the data split.
         amp: mixed precision when CUDA is used.
         eval_batch_size: batch size for validation and testing.
@@ -46,6 +47,7 @@ class TrainConfig:
     alpha: float = 0.1
     hc_start_fraction: float = 0.75
     fedprox_mu: float = 0.01
+    ditto_lambda: float = 0.1
     seed: int = 0
     amp: bool = True
     eval_batch_size: int = 16

@@ -43,27 +43,47 @@ def run_federation(
     agg = HeadBankAggregation(first.contract, first.model_keys(), weighting)
     # every site starts from the same seeded model, so the first site's shared part is the global init
     global_params: dict[str, Any] = {
-        k: v.detach().cpu().numpy() for k, v in first.model.state_dict().items() if first.contract.is_shared(k)
+        k: v.detach().cpu().numpy().copy() for k, v in first.model.state_dict().items() if first.contract.is_shared(k)
     }
-    records = []
+    personalized = first.algorithm.personalized
+    records: list[dict[str, Any]] = []
     for r in range(rounds):
         t0 = time.perf_counter()
         agg.reset()
         record: dict[str, Any] = {"round": r, "sites": {}}
+        records.append(record)
         for t in trainers:
             t.receive(global_params)
+            if not personalized and r > 0:  # the site's model is the global one it just received
+                records[r - 1]["sites"][t.site]["val_dice"] = t.evaluate("validation", surface=False)["dice"]
             stats = t.train_round(r)
-            val = t.evaluate("validation", surface=False)
-            record["sites"][t.site] = {**stats, "val_dice": val["dice"]}
+            record["sites"][t.site] = dict(stats)
+            if personalized:
+                record["sites"][t.site]["val_dice"] = t.evaluate("validation", surface=False)["dice"]
             agg.accept(t.site, t.outgoing(), n_samples=t.data.n_train)
         global_params = agg.result()
         record["time"] = time.perf_counter() - t0
-        records.append(record)
+        if log and personalized:
+            _log_round(log, record, rounds)
+        elif log and r > 0:
+            _log_round(log, records[r - 1], rounds)
+    if not personalized:
+        # FLARE's SiteListFedAvg sends the final aggregate for validation; so does this loop
+        for t in trainers:
+            t.receive(global_params)
+            records[-1]["sites"][t.site]["val_dice"] = t.evaluate("validation", surface=False)["dice"]
         if log:
-            dice = ", ".join(f"{s}={v['val_dice']:.3f}" for s, v in record["sites"].items())
-            log(f"round {r + 1}/{rounds} ({record['time']:.1f} s): val dice {dice}")
-    # like FLARE, the last aggregate is not sent back: each site keeps its personalized model of the last round
+            _log_round(log, records[-1], rounds)
+    # personalized sites keep their model of the last round (the last aggregate is not merged)
     return records
+
+
+def _log_round(log: Callable[[str], None], record: dict[str, Any], rounds: int) -> None:
+    parts = []
+    for site, v in record["sites"].items():
+        losses = ", ".join(f"{k} {x:.4f}" for k, x in v.items() if k.endswith(("loss", "contrastive", "proximal")))
+        parts.append(f"{site}={v.get('val_dice', float('nan')):.3f} ({losses})")
+    log(f"round {record['round'] + 1}/{rounds}: val dice " + "; ".join(parts))
 
 
 def site_effect(

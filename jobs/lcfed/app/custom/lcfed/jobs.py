@@ -77,12 +77,14 @@ def build_job(spec: JobSpec, custom_dir: str | Path):
     from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
     from nvflare.app_opt.tracking.tb.tb_writer import TBWriter
     from nvflare.job_config.api import FedJob
+    from nvflare.job_config.defs import FilterType
 
     from .algorithms import get_algorithm
     from .fl.aggregator import HeadBankAggregator
     from .fl.controller import SiteListFedAvg
     from .fl.learner import LCFedLearner
     from .fl.persistor import GlobalStatePersistor
+    from .fl.traffic import TrafficMeter
 
     get_algorithm(spec.algorithm)  # fail early on an unknown name
     make_config(spec.preset, **spec.options)  # and on an unknown preset/option
@@ -106,6 +108,9 @@ def build_job(spec: JobSpec, custom_dir: str | Path):
     )
     job.to_server(controller, id="controller")
     job.to_server(TBAnalyticsReceiver(events=["fed." + ANALYTICS_EVENT]), id="tb_receiver")
+    # what actually crosses the wire, per site and round (bytes of the serialized task and result)
+    job.to_server(TrafficMeter("to_site"), tasks=["train"], filter_type=FilterType.TASK_DATA)
+    job.to_server(TrafficMeter("from_site"), tasks=["train"], filter_type=FilterType.TASK_RESULT)
     job.to_server({"server": {"task_request_interval": spec.task_request_interval}})
 
     learner = LCFedLearner(**model_args, num_threads=spec.num_threads)

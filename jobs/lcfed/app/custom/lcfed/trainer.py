@@ -88,8 +88,6 @@ class SiteTrainer:
             raise ValueError(f"site list names {dupes} more than once: {sites}")
         if site not in sites:
             raise ValueError(f"site {site!r} is not in the job's site list {sites}")
-        if len(data.splits.get("training", [])) == 0:
-            raise ValueError(f"site {site!r} has no training data")
         self.algorithm = algorithm
         self.config = config
         self.data = data
@@ -166,7 +164,8 @@ class SiteTrainer:
         """What leaves the site: the shared parameters plus the banked head, as float32 numpy arrays."""
         out = self.algorithm.outgoing_state(self.ctx)
         self.contract.check_outgoing(out, self.model_keys(), self.site)
-        return {k: v.detach().cpu().float().numpy() for k, v in out.items()}
+        # copies: the arrays must not alias the live parameters that the next round updates in place
+        return {k: v.detach().cpu().float().numpy().copy() for k, v in out.items()}
 
     # -- training ---------------------------------------------------------------------------------
     def _next_indices(self, n: int) -> list[int]:
@@ -193,7 +192,9 @@ class SiteTrainer:
         """
         r = self.round if round_idx is None else round_idx
         n_iter = self.config.iterations if iterations is None else iterations
-        train = self.data.splits["training"]
+        train = self.data.splits.get("training")
+        if train is None or len(train) == 0:
+            raise ValueError(f"site {self.site!r} has no training data")
         t0 = time.perf_counter()
         self.model.train()
         self.algorithm.on_round_start(self.ctx, r)

@@ -17,8 +17,9 @@ class FedAvg(Algorithm):
     """The shared U-Net of the paper's FedAvg baseline: soft Dice, all parameters shared."""
 
     name = "fedavg"
-    description = "FedAvg (plain shared U-Net)"
+    description = "FedAvg (plain shared U-Net, evaluated on the global model)"
     contract = KeyContract()
+    personalized = False
 
     def __init__(self, norm: str = "instance"):
         self.norm = norm

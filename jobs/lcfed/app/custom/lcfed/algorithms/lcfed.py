@@ -38,6 +38,7 @@ class LCFed(Algorithm):
         use_contrastive: bool = True,
         use_hc: bool = True,
         name: str = "lcfed",
+        description: str = "",
     ):
         if hc_schedule not in HC_SCHEDULES:
             raise ValueError(f"unknown HC schedule {hc_schedule!r}; choose one of {HC_SCHEDULES}")
@@ -46,7 +47,7 @@ class LCFed(Algorithm):
         self.use_contrastive = use_contrastive and use_pcs
         self.use_hc = use_hc
         self.name = name
-        self.description = (
+        self.description = description or (
             f"LC-Fed, HC {hc_schedule}"
             + ("" if use_pcs else ", without PCS")
             + ("" if self.use_contrastive or not use_pcs else ", without contrastive term")

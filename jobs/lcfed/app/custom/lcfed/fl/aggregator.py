@@ -65,6 +65,9 @@ class HeadBankAggregator(ModelAggregator):
         self.drop_stale_heads = drop_stale_heads
         algo, model, _ = reference_model(algorithm, sites, preset, options, in_channels, n_classes)
         self.maths = HeadBankAggregation(algo.contract, model.state_dict().keys(), weighting, drop_stale_heads)
+        # Local training sends no parameters: its (empty) results still count as arrived
+        self.accepts_empty_results = algo.contract.shares_nothing
+        self.final_validation: dict[str, Any] = {}
         self.rounds: list[dict[str, Any]] = []
         self._round: dict[str, Any] = {}
         # the initial global model is this seeded reference model's shared part (see the persistor)
@@ -98,7 +101,8 @@ class HeadBankAggregator(ModelAggregator):
         params = self.maths.result()  # raises when nothing arrived: an empty round never passes silently
         round_idx = self.fl_ctx.get_prop(AppConstants.CURRENT_ROUND) if self.fl_ctx else None
         dices = {s: v["val_dice"] for s, v in self._round["sites"].items()}
-        mean_dice = float(np.nanmean(list(dices.values()))) if dices else float("nan")
+        known = [d for d in dices.values() if not np.isnan(d)]  # nan: a site did not validate this round
+        mean_dice = float(np.mean(known)) if known else float("nan")
         # how far the global shared model moved this round (0 would mean nobody trained)
         shared = {k: params[k] for k in self.maths.shared}
         delta = float(np.sqrt(sum(float(((shared[k] - self._previous_shared[k]) ** 2).sum()) for k in shared)))
@@ -124,11 +128,20 @@ class HeadBankAggregator(ModelAggregator):
         self._write_record()
         return FLModel(params_type=ParamsType.FULL, params=params, metrics={"val_dice": mean_dice})
 
+    def record_final_validation(self, scores: dict[str, Any]) -> None:
+        """Validation Dice per site of the final model (called by the controller after the last round)."""
+        self.final_validation = dict(scores)
+        self._write_record()
+
     def _write_record(self) -> None:
         if not self.fl_ctx:
             return
         engine = self.fl_ctx.get_engine()
         app_dir = Path(engine.get_workspace().get_app_dir(self.fl_ctx.get_job_id()))
-        write_json_atomic(
-            app_dir / ROUNDS_FILE, {"algorithm": self.algorithm, "sites": self.sites, "rounds": self.rounds}
-        )
+        record = {
+            "algorithm": self.algorithm,
+            "sites": self.sites,
+            "rounds": self.rounds,
+            "final_validation": self.final_validation,
+        }
+        write_json_atomic(app_dir / ROUNDS_FILE, record)

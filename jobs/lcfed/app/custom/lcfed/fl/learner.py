@@ -120,7 +120,7 @@ class LCFedLearner(Learner):
             # out): continue from its own personalized state instead of starting over
             meta = self.trainer.load(last)
             self.history = list(self.trainer.history)
-            self.best_dice = max((h["val_dice"] for h in self.history), default=-1.0)
+            self.best_dice = max((h["val_dice"] for h in self.history if "val_dice" in h), default=-1.0)
             self.log_info(fl_ctx, f"site {self.site}: resumed from {last} (round {meta.get('round')})")
         if self.tb_writer_id:
             self.writer = parts.get(self.tb_writer_id)
@@ -138,43 +138,78 @@ class LCFedLearner(Learner):
         round_idx = int(data.get_header(AppConstants.CURRENT_ROUND, trainer.round))
         total = int(data.get_header(AppConstants.NUM_ROUNDS, trainer.config.rounds))
         trainer.receive(dxo.data)
+        evaluated = None
+        if not trainer.algorithm.personalized and round_idx > 0:
+            # FedAvg/FedProx: the site's model is the global one; what arrived is round r-1's aggregate
+            evaluated = self._validate(round_idx - 1, total, fl_ctx, "global model")
         stats = trainer.train_round(round_idx, should_stop=lambda: abort_signal.triggered)
         if stats["aborted"]:
             return make_reply(ReturnCode.TASK_ABORTED)
-        t0 = time.perf_counter()
-        val = trainer.evaluate("validation", surface=False)
-        stats["val_time"] = time.perf_counter() - t0
-        record = {**stats, "val_dice": val["dice"], "val_iou": val["iou"], "total_rounds": total}
-        self.history.append(record)
-        trainer.history = self.history
-        improved = val["dice"] > self.best_dice
-        if improved:
-            self.best_dice = val["dice"]
-            trainer.save(self.ckpt_dir / BEST, round=round_idx, val_dice=val["dice"])
-        trainer.save(self.ckpt_dir / LAST, round=round_idx, val_dice=val["dice"])
-        write_json_atomic(self.ckpt_dir / HISTORY, self.history)
-        losses = ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.endswith(("loss", "contrastive")))
+        self._entry(round_idx).update(stats, total_rounds=total)
+        if trainer.algorithm.personalized:
+            evaluated = self._validate(round_idx, total, fl_ctx, "personalized model")
+        trainer.save(self.ckpt_dir / LAST, round=round_idx)
+        self._flush_history()
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.endswith(("loss", "contrastive", "proximal")))
         self.log_info(
-            fl_ctx,
-            f"site {self.site} round {round_idx + 1}/{total}: {losses}; val dice {val['dice']:.4f}"
-            f"{' (best)' if improved else ''}; train {stats['train_time']:.1f} s",
+            fl_ctx, f"site {self.site} round {round_idx + 1}/{total}: {losses}; train {stats['train_time']:.1f} s"
         )
-        self._tensorboard(record, round_idx)
-        outgoing = trainer.outgoing()
+        self._tensorboard(stats, round_idx)
         meta = {
             MetaKey.NUM_STEPS_CURRENT_ROUND: int(stats["steps"]),
-            # a dict, never a bare float: FLARE 2.9 drops results whose INITIAL_METRICS is a float
-            MetaKey.INITIAL_METRICS: {"val_dice": float(val["dice"])},
             "n_train": trainer.data.n_train,
         }
-        return DXO(data_kind=DataKind.WEIGHTS, data=outgoing, meta=meta).to_shareable()
+        if evaluated is not None:
+            # a dict, never a bare float: FLARE 2.9 drops results whose INITIAL_METRICS is a float
+            meta[MetaKey.INITIAL_METRICS] = {"val_dice": float(evaluated["dice"])}
+        return DXO(data_kind=DataKind.WEIGHTS, data=trainer.outgoing(), meta=meta).to_shareable()
 
     def validate(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if data.get_header(AppConstants.VALIDATE_TYPE) == ValidateType.BEFORE_TRAIN_VALIDATE:
-            # validation runs after local training (on the personalized model), inside train()
+            # validation runs inside train(): on the personalized model after training, or on the global
+            # model as received
             return make_reply(ReturnCode.TASK_UNSUPPORTED)
-        val = self.trainer.evaluate("validation", surface=False)
+        trainer = self.trainer
+        total = int(data.get_header(AppConstants.NUM_ROUNDS, trainer.config.rounds))
+        if not trainer.algorithm.personalized:
+            # the final aggregate (sent after the last round by SiteListFedAvg): evaluate and keep it if best
+            trainer.receive(from_shareable(data).data)
+            val = self._validate(trainer.round - 1, total, fl_ctx, "final global model")
+            self._flush_history()
+        else:
+            val = trainer.evaluate("validation", surface=False)
+            self.log_info(fl_ctx, f"site {self.site}: final personalized model, val dice {val['dice']:.4f}")
         return DXO(data_kind=DataKind.METRICS, data={"val_dice": val["dice"], "val_iou": val["iou"]}).to_shareable()
+
+    def _entry(self, round_idx: int) -> dict[str, Any]:
+        for h in self.history:
+            if h["round"] == round_idx:
+                return h
+        self.history.append({"round": round_idx})
+        self.history.sort(key=lambda h: h["round"])
+        return self._entry(round_idx)
+
+    def _validate(self, round_idx: int, total: int, fl_ctx: FLContext, what: str) -> dict[str, Any]:
+        """Validate the site's current model as round ``round_idx``'s; keep it as best.pt if it is the best."""
+        t0 = time.perf_counter()
+        val = self.trainer.evaluate("validation", surface=False)
+        self._entry(round_idx).update(val_dice=val["dice"], val_iou=val["iou"], val_time=time.perf_counter() - t0)
+        self.trainer.history = self.history
+        improved = val["dice"] > self.best_dice
+        if improved:
+            self.best_dice = val["dice"]
+            self.trainer.save(self.ckpt_dir / BEST, round=round_idx, val_dice=val["dice"])
+        self.log_info(
+            fl_ctx,
+            f"site {self.site} round {round_idx + 1}/{total}: {what} val dice {val['dice']:.4f}"
+            + (" (best)" if improved else ""),
+        )
+        self._tensorboard({"val_dice": val["dice"], "val_iou": val["iou"]}, round_idx)
+        return val
+
+    def _flush_history(self) -> None:
+        self.trainer.history = self.history
+        write_json_atomic(self.ckpt_dir / HISTORY, self.history)
 
     def finalize(self, fl_ctx: FLContext) -> None:
         if self.ckpt_dir is not None and self.history:
@@ -186,7 +221,7 @@ class LCFedLearner(Learner):
         if self.writer is None:
             return
         for key, value in record.items():
-            if key in ("round", "total_rounds", "aborted") or not isinstance(value, (int, float)):
+            if key in ("round", "total_rounds", "aborted", "steps") or not isinstance(value, (int, float)):
                 continue
             self.writer.add_scalar(key, float(value), global_step=step)
 
