@@ -35,7 +35,7 @@ def test_simulator_run_trains_for_real_and_writes_results(tiny_data2, tmp_path):
     assert not any(k.startswith(("hc.", "head.")) for k in glob["params"])
     # personalized checkpoints at each site; per-site TensorBoard events on the server
     for s in sites:
-        app = ws / f"simulator/{s}/simulate_job/app_{s}/lcfed"
+        app = ws / f"simulator/{s}/lcfed_models/lcfed"
         assert (app / "best.pt").is_file() and (app / "last.pt").is_file()
         assert len(json.loads((app / "history.json").read_text())) == 2
         assert any((ws / f"simulator/server/simulate_job/tb_events/{s}").iterdir())

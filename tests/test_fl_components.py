@@ -160,7 +160,7 @@ def test_learner_merges_global_keeps_personal_and_returns_shared_plus_head(learn
     assert set(dxo.data) == {k for k in model.state_dict() if not k.startswith("hc.")}
     assert dxo.meta[MetaKey.NUM_STEPS_CURRENT_ROUND] == make_config("tiny").iterations
     assert isinstance(dxo.meta[MetaKey.INITIAL_METRICS], dict)  # never a bare float (FLARE pitfall 1)
-    ckpt = tmp_path / "job1" / "app" / "lcfed"
+    ckpt = tmp_path / "lcfed_models" / "lcfed"
     assert (ckpt / "best.pt").is_file() and (ckpt / "last.pt").is_file() and (ckpt / "history.json").is_file()
 
 
@@ -210,3 +210,28 @@ def _diff(cmp: filecmp.dircmp, prefix: str = "") -> list[str]:
     for name, sub in cmp.subdirs.items():
         out += _diff(sub, prefix + name + "/")
     return out
+
+
+def test_an_earlier_run_is_archived_not_overwritten_and_resume_continues_it(learner, tmp_path, monkeypatch):
+    glob = {
+        k: v.numpy() for k, v in learner.trainer.model.state_dict().items() if learner.trainer.contract.is_shared(k)
+    }
+    learner.train(train_task(glob, 0), _FakeCtx(tmp_path, "site-a"), Signal())
+    models = tmp_path / "lcfed_models" / "lcfed"
+    first_best = (models / "best.pt").read_bytes()
+
+    class _OtherJob(_FakeCtx):
+        def get_job_id(self, default=""):
+            return "job2"
+
+    fresh = LCFedLearner(**MODEL_ARGS, tb_writer_id="")
+    fresh.initialize({}, _OtherJob(tmp_path, "site-a"))
+    assert fresh.trainer.round == 0 and not (models / "best.pt").exists()
+    archived = list((models / "previous").glob("*-job1/best.pt"))
+    assert len(archived) == 1 and archived[0].read_bytes() == first_best  # nothing saved before is lost
+
+    # an explicit resume continues an earlier job's state
+    learner.train(train_task(glob, 1), _FakeCtx(tmp_path, "site-a"), Signal())
+    resumed = LCFedLearner(**MODEL_ARGS, tb_writer_id="", resume=True)
+    resumed.initialize({}, _OtherJob(tmp_path, "site-a"))
+    assert resumed.trainer.round == 2

@@ -107,7 +107,7 @@ def test_contrastive_value_is_minus_mean_mse_to_other_sites():
             {"head.weight", "head.bias"},
         ),
         (
-            "lcfed-staged",
+            "lcfed-joint",
             {"head.weight", "head.bias", "hc.trained", "hc.conv.weight", "hc.conv.bias"},
             {"head.weight", "head.bias"},
         ),

@@ -12,6 +12,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .run import simulator_checkpoints
 
     sites = load_dataset_info(args.data).sites
-    ckpts = simulator_checkpoints(Path(args.workspace) / "simulator", sites)
+    job = json.loads((Path(args.workspace) / "simulator.json").read_text())["job_name"]
+    ckpts = simulator_checkpoints(Path(args.workspace) / "simulator", sites, job)
     results = write_results(Path(args.workspace) / "results", evaluate_checkpoints(args.data, ckpts))
     print_table(results)
     return 0

@@ -40,9 +40,9 @@ class TrainConfig:
     width: int = 8
     size: int = 96
     batch_size: int = 6
-    iterations: int = 25
-    rounds: int = 20
-    personal_iterations: int = 5
+    iterations: int = 20
+    rounds: int = 16
+    personal_iterations: int = 4
     lr: float = 1e-3
     alpha: float = 0.1
     hc_start_fraction: float = 0.75

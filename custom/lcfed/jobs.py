@@ -39,6 +39,7 @@ class JobSpec:
         min_clients: clients FLARE waits for before it starts the job (default: all sites).
         num_threads: torch threads per site process (0: torch's default).
         task_request_interval: seconds a client waits before asking the server for its next task.
+        resume: sites continue from their last checkpoint of an earlier job with the same name.
     """
 
     algorithm: str = "lcfed"
@@ -53,6 +54,7 @@ class JobSpec:
     min_clients: int = 0
     num_threads: int = 0
     task_request_interval: float = 0.5
+    resume: bool = False
 
     @property
     def job_name(self) -> str:
@@ -86,7 +88,7 @@ def build_job(spec: JobSpec, custom_dir: str | Path):
     from .fl.persistor import GlobalStatePersistor
     from .fl.traffic import TrafficMeter
 
-    get_algorithm(spec.algorithm)  # fail early on an unknown name
+    get_algorithm(spec.algorithm)  # fail early on an unknown name (before FLARE imports anything)
     make_config(spec.preset, **spec.options)  # and on an unknown preset/option
     sites = list(spec.sites)
     if len(set(sites)) != len(sites) or not sites:
@@ -103,8 +105,15 @@ def build_job(spec: JobSpec, custom_dir: str | Path):
     job.set_app_packages(["lcfed"])  # shipped whole below, not module by module
     job.to_server(GlobalStatePersistor(**model_args), id="persistor")
     aggregator = HeadBankAggregator(**model_args, weighting=spec.weighting, drop_stale_heads=spec.drop_stale_heads)
+    shares_nothing = get_algorithm(spec.algorithm).contract.shares_nothing
     controller = SiteListFedAvg(
-        sites=sites, num_clients=len(sites), num_rounds=spec.rounds, persistor_id="persistor", aggregator=aggregator
+        sites=sites,
+        num_clients=len(sites),
+        num_rounds=spec.rounds,
+        persistor_id="persistor",
+        aggregator=aggregator,
+        # Local training has no global model at all
+        allow_empty_global_weights=shares_nothing,
     )
     job.to_server(controller, id="controller")
     job.to_server(TBAnalyticsReceiver(events=["fed." + ANALYTICS_EVENT]), id="tb_receiver")
@@ -113,7 +122,7 @@ def build_job(spec: JobSpec, custom_dir: str | Path):
     job.to_server(TrafficMeter("from_site"), tasks=["train"], filter_type=FilterType.TASK_RESULT)
     job.to_server({"server": {"task_request_interval": spec.task_request_interval}})
 
-    learner = LCFedLearner(**model_args, num_threads=spec.num_threads)
+    learner = LCFedLearner(**model_args, num_threads=spec.num_threads, run_name=spec.job_name, resume=spec.resume)
     job.to_clients(learner, id="learner")
     job.to_clients(LearnerExecutor(learner_id="learner"), tasks=["train", "validate", "submit_model"])
     job.to_clients(TBWriter(event_type=ANALYTICS_EVENT), id="tb_writer")

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .data.layout import load_dataset_info
+from .data.layout import load_dataset_info, write_json_atomic
+from .fl.site_config import MODELS_DIR
 from .jobs import JobSpec, export_job
 
 __all__ = ["RunFailed", "prepare_workspace", "run_simulator", "simulator_checkpoints", "check_rounds", "run_and_report"]
@@ -54,11 +55,13 @@ def _stream(cmd: list[str], env: dict[str, str], log_file: Path, verbose: bool, 
             raise
 
 
-def simulator_checkpoints(sim_ws: str | os.PathLike, sites: list[str], which: str = "best.pt") -> dict[str, Path]:
+def simulator_checkpoints(
+    sim_ws: str | os.PathLike, sites: list[str], run_name: str, which: str = "best.pt"
+) -> dict[str, Path]:
     """Each site's personalized checkpoint inside a simulator workspace."""
     out = {}
     for s in sites:
-        path = Path(sim_ws) / s / "simulate_job" / f"app_{s}" / "lcfed" / which
+        path = Path(sim_ws) / s / MODELS_DIR / run_name / which
         if not path.is_file():
             raise RunFailed(f"site {s!r} wrote no personalized checkpoint ({path} is missing)")
         out[s] = path
@@ -80,7 +83,7 @@ def check_rounds(rounds_file: str | os.PathLike, expected_rounds: int, sites: li
     return record
 
 
-RUN_ENTRIES = ("job", "simulator", "results", "simulator.log")
+RUN_ENTRIES = ("job", "simulator", "results", "simulator.log", "simulator.json")
 
 
 def prepare_workspace(workspace: str | os.PathLike, overwrite: bool) -> None:
@@ -119,6 +122,17 @@ def run_simulator(
     if not spec.num_threads:
         spec.num_threads = max(1, cpus // parallel)
     job_dir = export_job(spec, workspace / "job")
+    write_json_atomic(
+        workspace / "simulator.json",
+        {
+            "job_name": spec.job_name,
+            "algorithm": spec.algorithm,
+            "sites": spec.sites,
+            "preset": spec.preset,
+            "options": spec.options,
+            "data": str(data_dir),
+        },
+    )
     sim_ws = workspace / "simulator"
     cmd = [
         sys.executable,
@@ -178,7 +192,7 @@ def run_and_report(
         n_classes=info.n_classes,
     )
     sim_ws = run_simulator(spec, data_dir, workspace, parallel, verbose, show)
-    evaluation = evaluate_checkpoints(data_dir, simulator_checkpoints(sim_ws, spec.sites))
+    evaluation = evaluate_checkpoints(data_dir, simulator_checkpoints(sim_ws, spec.sites, spec.job_name))
     results = write_results(Path(workspace) / "results", evaluation, title=f"{algo} on {info.name}")
     show(f"\nTest metrics of each site's personalized model ({algo}, {info.name}):\n")
     show(results_table(results))

@@ -6,11 +6,13 @@ Examples::
     python -m lcfed data import prostate --src /data/MultiSitePro --out data/prostate
     python -m lcfed run --algo lcfed --data data/demo --workspace runs/lcfed
     python -m lcfed job export --algo lcfed --data data/prostate --preset paper --out my_jobs
+    python -m lcfed bench --data data/demo --seeds 3 --out benchmark/demo
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     committed = job.add_parser("export-committed", help="re-export the job folders committed under jobs/")
     committed.add_argument("--out", default="jobs")
 
+    bench = sub.add_parser("bench", help="every algorithm in the simulator over several seeds: table, plots, test")
+    bench.add_argument("--data", required=True)
+    bench.add_argument("--algos", default=",".join(ALGORITHMS), help="comma-separated (default: all)")
+    bench.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma-separated list")
+    bench.add_argument("--out", required=True, help="output folder (finished runs in it are reused)")
+    _add_train_options(bench)
+
     ev = sub.add_parser("evaluate", help="evaluate the personalized checkpoints of a finished simulator run")
     ev.add_argument("--data", required=True)
     ev.add_argument("--workspace", required=True)
@@ -151,7 +160,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .run import simulator_checkpoints
 
     sites = load_dataset_info(args.data).sites
-    ckpts = simulator_checkpoints(Path(args.workspace) / "simulator", sites)
+    job = json.loads((Path(args.workspace) / "simulator.json").read_text())["job_name"]
+    ckpts = simulator_checkpoints(Path(args.workspace) / "simulator", sites, job)
     results = write_results(Path(args.workspace) / "results", evaluate_checkpoints(args.data, ckpts))
     print_table(results)
     return 0
@@ -168,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_job(args)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
+        if args.command == "bench":
+            from .bench import run_benchmark
+
+            seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(x) for x in args.seeds.split(",")]
+            algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+            command = "python -m lcfed " + " ".join(sys.argv[1:] if argv is None else argv)
+            run_benchmark(args.data, algos, seeds, args.out, args.preset, _options(args), command=command)
+            return 0
         if args.command == "run":
             from .run import run_and_report
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,10 @@ from ..config import make_config
 from ..data.layout import write_json_atomic
 from ..data.pipeline import load_site
 from ..trainer import SiteTrainer
-from .site_config import resolve_site_data
+from .site_config import models_root, resolve_site_data
 
-__all__ = ["LCFedLearner", "CHECKPOINT_DIR", "BEST", "LAST", "HISTORY"]
+__all__ = ["LCFedLearner", "BEST", "LAST", "HISTORY"]
 
-CHECKPOINT_DIR = "lcfed"
 BEST = "best.pt"
 LAST = "last.pt"
 HISTORY = "history.json"
@@ -52,6 +52,10 @@ class LCFedLearner(Learner):
             :mod:`lcfed.fl.site_config`).
         num_threads: torch CPU threads for this site's process (0 leaves torch's default).
         tb_writer_id: id of the client's TBWriter component ("" to disable TensorBoard).
+        run_name: names the site's model folder ``<models root>/<run_name>/`` (the job name).
+        resume: continue from the site's last checkpoint of an earlier job with the same ``run_name``
+            (model, personal layers, optimizer, head bank, round); without it an earlier run's files are
+            moved to ``previous/`` and training starts fresh. A restart within the same job always resumes.
     """
 
     # exported to the job config even when equal to the default (FLARE drops defaults otherwise)
@@ -68,8 +72,12 @@ class LCFedLearner(Learner):
         data_root: str = "",
         num_threads: int = 0,
         tb_writer_id: str = "tb_writer",
+        run_name: str = "lcfed",
+        resume: bool = False,
     ):
         super().__init__()
+        self.run_name = run_name
+        self.resume = resume
         self.algorithm = algorithm
         self.sites = sites
         self.preset = preset
@@ -83,6 +91,7 @@ class LCFedLearner(Learner):
         self.writer = None
         self.site = ""
         self.ckpt_dir: Path | None = None
+        self.job_id = ""
         self.best_dice = -1.0
         self.history: list[dict[str, Any]] = []
 
@@ -112,16 +121,10 @@ class LCFedLearner(Learner):
                 f"{data.info.channels} channel(s) and classes {list(data.info.labels)}"
             )
         self.trainer = SiteTrainer(algorithm, config, data, sites, self.site)
-        self.ckpt_dir = Path(workspace.get_app_dir(fl_ctx.get_job_id())) / CHECKPOINT_DIR
+        self.job_id = fl_ctx.get_job_id()
+        self.ckpt_dir = models_root(self.site, workspace.get_root_dir()) / self.run_name
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        last = self.ckpt_dir / LAST
-        if last.is_file():
-            # this site ran part of this job before (restarted process, or a simulator client swapped
-            # out): continue from its own personalized state instead of starting over
-            meta = self.trainer.load(last)
-            self.history = list(self.trainer.history)
-            self.best_dice = max((h["val_dice"] for h in self.history if "val_dice" in h), default=-1.0)
-            self.log_info(fl_ctx, f"site {self.site}: resumed from {last} (round {meta.get('round')})")
+        self._resume_or_archive(fl_ctx)
         if self.tb_writer_id:
             self.writer = parts.get(self.tb_writer_id)
         split_sizes = {k: len(v) for k, v in data.splits.items()}
@@ -130,6 +133,32 @@ class LCFedLearner(Learner):
             f"site {self.site}: {algorithm.description}, preset {config.preset}, device {self.trainer.device}, "
             f"slices {split_sizes}, personal checkpoints in {self.ckpt_dir}",
         )
+
+    def _resume_or_archive(self, fl_ctx: FLContext) -> None:
+        last = self.ckpt_dir / LAST
+        if not last.is_file():
+            return
+        previous_job = torch.load(last, map_location="cpu", weights_only=True).get("meta", {}).get("job_id")
+        if previous_job == self.job_id or self.resume:
+            # the same job restarted (a killed process, a simulator client swapped out) or an explicit resume:
+            # continue from this site's own personalized state; a checkpoint of another configuration fails here
+            meta = self.trainer.load(last)
+            self.history = list(self.trainer.history)
+            self.best_dice = max((h["val_dice"] for h in self.history if "val_dice" in h), default=-1.0)
+            self.log_info(
+                fl_ctx, f"site {self.site}: resumed from {last} (round {meta.get('round')}, job {previous_job})"
+            )
+            return
+        # an earlier run under the same name: keep it, never overwrite it
+        archive = self.ckpt_dir / "previous" / f"{time.strftime('%Y%m%d-%H%M%S')}-{previous_job}"
+        archive.mkdir(parents=True, exist_ok=True)
+        for f in list(self.ckpt_dir.iterdir()):
+            if f.is_file():
+                shutil.move(str(f), archive / f.name)
+        self.log_info(fl_ctx, f"site {self.site}: an earlier run's models were moved to {archive}")
+
+    def _save(self, name: str, **meta: Any) -> None:
+        self.trainer.save(self.ckpt_dir / name, job_id=self.job_id, **meta)
 
     # -- tasks -------------------------------------------------------------------------------------
     def train(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -148,7 +177,7 @@ class LCFedLearner(Learner):
         self._entry(round_idx).update(stats, total_rounds=total)
         if trainer.algorithm.personalized:
             evaluated = self._validate(round_idx, total, fl_ctx, "personalized model")
-        trainer.save(self.ckpt_dir / LAST, round=round_idx)
+        self._save(LAST, round=round_idx)
         self._flush_history()
         losses = ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.endswith(("loss", "contrastive", "proximal")))
         self.log_info(
@@ -198,7 +227,7 @@ class LCFedLearner(Learner):
         improved = val["dice"] > self.best_dice
         if improved:
             self.best_dice = val["dice"]
-            self.trainer.save(self.ckpt_dir / BEST, round=round_idx, val_dice=val["dice"])
+            self._save(BEST, round=round_idx, val_dice=val["dice"])
         self.log_info(
             fl_ctx,
             f"site {self.site} round {round_idx + 1}/{total}: {what} val dice {val['dice']:.4f}"

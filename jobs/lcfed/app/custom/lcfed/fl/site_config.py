@@ -9,6 +9,10 @@ Resolution order (first match wins):
 
 ``data_root`` is a data set folder in the convention of :mod:`lcfed.data.layout`: it holds
 ``dataset.json`` and the site's folder.
+
+Personalized models are kept outside FLARE's per-job folders (which POC and production clients delete
+when a job ends): in ``<site workspace>/lcfed_models/<job name>/``, or under ``"models_dir"`` of the
+site configuration file.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from pathlib import Path
 
 from ..data.layout import DataError
 
-__all__ = ["SITE_CONFIG_FILE", "DATA_ROOT_ENV", "SiteDataLocation", "resolve_site_data"]
+__all__ = ["SITE_CONFIG_FILE", "DATA_ROOT_ENV", "MODELS_DIR", "SiteDataLocation", "resolve_site_data", "models_root"]
+
+MODELS_DIR = "lcfed_models"
 
 SITE_CONFIG_FILE = "lcfed_site.json"
 DATA_ROOT_ENV = "LCFED_DATA_ROOT"
@@ -39,12 +45,9 @@ def resolve_site_data(site: str, workspace_root: str | os.PathLike | None, job_d
     if workspace_root:
         cfg_file = Path(workspace_root) / "local" / SITE_CONFIG_FILE
         looked.append(str(cfg_file))
+        cfg = _site_config(workspace_root, site)
         if cfg_file.is_file():
-            try:
-                cfg = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed site configuration: {e}", site, cfg_file) from None
-            if not isinstance(cfg, dict) or not cfg.get("data_root"):
+            if not cfg.get("data_root"):
                 raise DataError('site configuration needs {"data_root": "<folder with dataset.json>"}', site, cfg_file)
             root = Path(cfg["data_root"]).expanduser()
             site_dir = Path(cfg.get("site_dir") or root / site).expanduser()
@@ -64,3 +67,26 @@ def resolve_site_data(site: str, workspace_root: str | os.PathLike | None, job_d
         f"or set {DATA_ROOT_ENV} (looked at: {', '.join(looked)})",
         site,
     )
+
+
+def _site_config(workspace_root: str | os.PathLike | None, site: str) -> dict:
+    if not workspace_root:
+        return {}
+    cfg_file = Path(workspace_root) / "local" / SITE_CONFIG_FILE
+    if not cfg_file.is_file():
+        return {}
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed site configuration: {e}", site, cfg_file) from None
+    if not isinstance(cfg, dict):
+        raise DataError("site configuration must be a JSON object", site, cfg_file)
+    return cfg
+
+
+def models_root(site: str, workspace_root: str | os.PathLike | None) -> Path:
+    """Where this site keeps its personalized models (persistent across jobs)."""
+    cfg = _site_config(workspace_root, site)
+    if cfg.get("models_dir"):
+        return Path(cfg["models_dir"]).expanduser()
+    return Path(workspace_root or ".") / MODELS_DIR
