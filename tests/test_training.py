@@ -83,6 +83,14 @@ def test_staged_schedule_trains_only_hc_after_start_round(tiny_data):
     assert not bool(t.model.hc.trained)  # the prediction is still P_i
     net = snapshot(t.model, (*BODY, "head."))
     hc = snapshot(t.model, ("hc.conv",))
+    # a frozen network stays the site's own: the global body of an HC-only round is not merged ...
+    glob = {k: np.zeros(tuple(v.shape), np.float32) for k, v in t.model.state_dict().items() if t.contract.is_shared(k)}
+    t.receive(glob, round_idx=2)
+    assert changed(net, t.model) == set()
+    # ... while in a network round it is
+    t.receive(glob, round_idx=1)
+    assert changed(net, t.model) == {k for k in net if not k.startswith("head.")}
+    t.model.load_state_dict(net, strict=False)
     t.algorithm.train_step(t.ctx, image, label, iteration=5, round_idx=2)
     assert changed(net, t.model) == set()
     assert changed(hc, t.model) == set(hc)

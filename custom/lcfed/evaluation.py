@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,7 +65,9 @@ def evaluate_checkpoints(
             n_cases=m["n_cases"], best_round=meta.get("round"), best_val_dice=meta.get("val_dice"), cases=m["cases"]
         )
         units.add("mm" if data.spacing else "px")
-        histories[site] = trainer.history
+        # the run's full per-round record sits beside the checkpoint (best.pt holds it only up to its round)
+        history_file = Path(path).parent / "history.json"
+        histories[site] = json.loads(history_file.read_text()) if history_file.is_file() else trainer.history
         test = data.splits["testing"]
         picks = _overlay_indices(test.case_ids, test.slices, overlay_cases)
         if picks:
@@ -81,6 +84,7 @@ def evaluate_checkpoints(
                         "prediction": pred,
                         "disagreement": maps["disagreement"][j].numpy() if "disagreement" in maps else None,
                         "peaks": maps["peaks"][j].numpy() if "peaks" in maps else None,
+                        "calibrated": bool(maps["calibrated"][j]) if "calibrated" in maps else False,
                         "dice": case_metrics(pred >= 0.5, label > 0.5, surface=False)["dice"],
                     }
                 )

@@ -53,7 +53,7 @@ def run_federation(
         record: dict[str, Any] = {"round": r, "sites": {}}
         records.append(record)
         for t in trainers:
-            t.receive(global_params)
+            t.receive(global_params, r)
             if not personalized and r > 0:  # the site's model is the global one it just received
                 records[r - 1]["sites"][t.site]["val_dice"] = t.evaluate("validation", surface=False)["dice"]
             stats = t.train_round(r)

@@ -130,9 +130,11 @@ class SiteTrainer:
     def model_keys(self) -> list[str]:
         return list(self.model.state_dict().keys())
 
-    def receive(self, params: Mapping[str, Any]) -> None:
+    def receive(self, params: Mapping[str, Any], round_idx: int | None = None) -> None:
         """Merge the server's shared weights and head bank; personal tensors are never touched.
 
+        With ``round_idx`` the algorithm may decline the shared weights for that round (LC-Fed's staged
+        HC rounds keep the site's frozen network); the keys are checked and the head bank taken anyway.
         Raises :class:`ContractViolation` for a personal, unknown or missing shared key, and
         ``ValueError`` for a shape mismatch (a model/site-count mismatch shows up here).
         """
@@ -157,7 +159,7 @@ class SiteTrainer:
         if shared and set(shared) != expected:
             missing = sorted(expected - set(shared))
             raise ContractViolation(f"site {self.site!r} received an incomplete shared model; missing {missing[:5]}")
-        if shared:
+        if shared and (round_idx is None or self.algorithm.merges_global(self.config, round_idx)):
             self.model.load_state_dict(shared, strict=False)
 
     def outgoing(self) -> dict[str, np.ndarray]:

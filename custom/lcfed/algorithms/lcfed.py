@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import TrainConfig
 from ..contract import KeyContract
 from ..losses import soft_dice_loss
 from ..networks import LCFedUNet, bank_predictions, contrastive_site_loss, disagreement_map, pick_peaks
@@ -60,6 +61,15 @@ class LCFed(Algorithm):
             # without HC the other sites' heads are never used: nothing to bank (FedRep with PCS)
             self.contract = KeyContract(personal=r"head\.")
 
+    def hc_only(self, config: TrainConfig, round_idx: int) -> bool:
+        """Staged schedule: from ``hc_start_round`` on the network is frozen and only HC learns."""
+        return self.use_hc and self.hc_schedule == "staged" and round_idx >= config.hc_start_round
+
+    def merges_global(self, config: TrainConfig, round_idx: int) -> bool:
+        # a frozen network is the site's own network as trained so far: merging the global body now would
+        # swap the locally adapted body under the personal head it was trained with
+        return not self.hc_only(config, round_idx)
+
     def build_model(self, spec: ModelSpec) -> nn.Module:
         return LCFedUNet(
             spec.in_channels, spec.n_classes, spec.width, spec.n_sites, use_pcs=self.use_pcs, use_hc=self.use_hc
@@ -99,7 +109,7 @@ class LCFed(Algorithm):
     ) -> dict[str, float]:
         model, cfg = ctx.model, ctx.config
         stats: dict[str, float] = {}
-        if self.use_hc and self.hc_schedule == "staged" and round_idx >= cfg.hc_start_round:
+        if self.hc_only(cfg, round_idx):
             # staged: the network is frozen, only HC learns
             with torch.no_grad(), ctx.precision.autocast():
                 feats = model.features(image, ctx.site_index)
@@ -143,10 +153,12 @@ class LCFed(Algorithm):
         bank = ctx.head_bank.others(ctx.site_name, feature.device)
         others = None if bank is None else bank_predictions(feature, *bank)
         u = disagreement_map(own, others)
+        peaks = pick_peaks(u)
         out["disagreement"] = u
-        if self.use_hc and bool(model.hc.trained):
-            peaks = pick_peaks(u)
-            out["peaks"] = peaks
+        out["peaks"] = peaks
+        calibrated = self.use_hc and bool(model.hc.trained)
+        out["calibrated"] = torch.full((image.shape[0],), float(calibrated))
+        if calibrated:
             with ctx.precision.autocast():
                 out["prediction"] = model.hc(feature, own, peaks).float()
         return out

@@ -166,7 +166,7 @@ class LCFedLearner(Learner):
         dxo = from_shareable(data)
         round_idx = int(data.get_header(AppConstants.CURRENT_ROUND, trainer.round))
         total = int(data.get_header(AppConstants.NUM_ROUNDS, trainer.config.rounds))
-        trainer.receive(dxo.data)
+        trainer.receive(dxo.data, round_idx)
         evaluated = None
         if not trainer.algorithm.personalized and round_idx > 0:
             # FedAvg/FedProx: the site's model is the global one; what arrived is round r-1's aggregate

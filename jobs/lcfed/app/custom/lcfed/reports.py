@@ -129,7 +129,8 @@ def plot_overlays(
         ax[1].set_title("ground truth", fontsize=9)
         _show_image(ax[2], p["image"])
         _contours(ax[2], p["prediction"] >= 0.5, colors)
-        ax[2].set_title(f"prediction (Dice {p.get('dice', float('nan')):.3f})", fontsize=9)
+        source = "HC output S*" if p.get("calibrated") else "prediction"
+        ax[2].set_title(f"{source} (Dice {p.get('dice', float('nan')):.3f})", fontsize=9)
         dis = p.get("disagreement")
         if dis is not None:
             im = ax[3].imshow(dis.max(axis=0), cmap="magma", vmin=0, vmax=1)

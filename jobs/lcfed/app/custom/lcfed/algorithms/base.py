@@ -147,6 +147,10 @@ class Algorithm(ABC):
     def predict(self, ctx: SiteContext, image: torch.Tensor) -> torch.Tensor:
         """The site's final (personalized) probabilities (B, C, H, W)."""
 
+    def merges_global(self, config: TrainConfig, round_idx: int) -> bool:
+        """Whether the site takes the server's shared weights at the start of ``round_idx`` (default: yes)."""
+        return True
+
     def on_round_start(self, ctx: SiteContext, round_idx: int) -> None:
         """Hook after the global weights are merged, before the round's first iteration."""
 
