@@ -26,6 +26,9 @@ class SiteListFedAvg(FedAvg):
         *args, **kwargs: as ``FedAvg``.
     """
 
+    # exported even when equal to FedAvg's defaults (FLARE drops defaults from the job config otherwise)
+    _always_serialize_args = ("sites", "num_clients", "num_rounds", "persistor_id")
+
     def __init__(self, *args, sites: list[str] | None = None, final_validation: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.sites = sites

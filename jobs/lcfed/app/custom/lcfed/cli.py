@@ -96,6 +96,48 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="output folder (finished runs in it are reused)")
     _add_train_options(bench)
 
+    poc = sub.add_parser("poc", help="POC mode on this workstation (one FLARE client per site)")
+    poc_sub = poc.add_subparsers(dest="poc_command", required=True)
+    for name, text in (
+        ("run", "prepare, start, submit, wait, evaluate and stop, in one command"),
+        ("prepare", "prepare a POC with one client per site of --data"),
+        ("start", "start the prepared POC (server and clients)"),
+        ("submit", "submit the job to the running POC, wait and evaluate"),
+        ("status", "is the POC running, which clients and jobs"),
+        ("stop", "stop the POC (and any process it left behind)"),
+        ("clean", "delete the stopped POC's workspace"),
+    ):
+        p = poc_sub.add_parser(name, help=text)
+        p.add_argument("--workspace", default="runs/poc", help="POC folder (default runs/poc)")
+        if name in ("run", "prepare", "submit"):
+            p.add_argument("--data", required=True, help="data set folder; one client per site")
+        if name in ("run", "submit"):
+            p.add_argument("--algo", default="lcfed", choices=sorted(ALGORITHMS))
+            p.add_argument("--console", action="store_true", help="submit through the admin console (fl_admin.sh)")
+            p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
+            p.add_argument("--job", help="submit this exported job folder (default: export one for --data)")
+            _add_train_options(p)
+        if name == "run":
+            p.add_argument("--keep-running", dest="keep_running", action="store_true", help="do not stop the POC")
+
+    prod = sub.add_parser("prod", help="provisioned startup kits (production)")
+    prod_sub = prod.add_subparsers(dest="prod_command", required=True)
+    pv = prod_sub.add_parser("provision", help="nvflare provision the project into --out")
+    pv.add_argument("--project", default="provisioning/project.yml")
+    pv.add_argument("--out", required=True)
+    sc = prod_sub.add_parser("site-config", help="write a site kit's local/lcfed_site.json (where its data is)")
+    sc.add_argument("--kit", required=True, help="the site's startup kit folder")
+    sc.add_argument("--data", required=True, help="the data set folder (dataset.json + this site's folder)")
+    sc.add_argument(
+        "--models-dir", dest="models_dir", help="where personalized models go (default: <kit>/lcfed_models)"
+    )
+    dr = prod_sub.add_parser("dry-run", help="provision, start everything on loopback, submit, wait, shut down")
+    dr.add_argument("--project", default="provisioning/project.yml")
+    dr.add_argument("--data", required=True, help="one data set holding every site's folder")
+    dr.add_argument("--job", default="jobs/lcfed", help="exported job folder (default jobs/lcfed)")
+    dr.add_argument("--workspace", required=True, help="where the kits are provisioned (a new folder)")
+    dr.add_argument("--timeout", type=float, default=3600.0)
+
     ev = sub.add_parser("evaluate", help="evaluate the personalized checkpoints of a finished simulator run")
     ev.add_argument("--data", required=True)
     ev.add_argument("--workspace", required=True)
@@ -167,6 +209,49 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_poc(args: argparse.Namespace) -> int:
+    from .poc import PocWorkspace
+
+    poc = PocWorkspace(args.workspace)
+    cmd = args.poc_command
+    if cmd == "run":
+        poc.run(
+            args.data, args.algo, args.preset, _options(args), args.console, args.timeout, args.keep_running, args.job
+        )
+    elif cmd == "prepare":
+        poc.prepare(args.data)
+    elif cmd == "start":
+        poc.start()
+    elif cmd == "submit":
+        poc.submit_and_report(args.data, args.algo, args.preset, _options(args), args.console, args.timeout, args.job)
+    elif cmd == "status":
+        print(poc.status())
+    elif cmd == "stop":
+        poc.stop()
+    elif cmd == "clean":
+        poc.clean()
+    return 0
+
+
+def _cmd_prod(args: argparse.Namespace) -> int:
+    from . import production
+
+    if args.prod_command == "provision":
+        print(f"startup kits in {production.provision(args.project, args.out)}")
+    elif args.prod_command == "site-config":
+        print(f"wrote {production.write_site_config(args.kit, args.data, args.models_dir)}")
+    else:
+        from .run import job_folder_info
+
+        job = job_folder_info(args.job)
+        kits = production.provision(args.project, args.workspace)
+        for s in job["sites"]:
+            production.write_site_config(kits / s, args.data)
+        fed = production.Federation(kits, job["sites"], production.project_admin(args.project))
+        fed.dry_run(args.job, job["rounds"], args.timeout)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data.layout import DataError
@@ -178,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_job(args)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
+        if args.command == "poc":
+            return _cmd_poc(args)
+        if args.command == "prod":
+            return _cmd_prod(args)
         if args.command == "bench":
             from .bench import run_benchmark
 

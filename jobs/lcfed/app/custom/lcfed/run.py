@@ -16,7 +16,16 @@ from .data.layout import load_dataset_info, write_json_atomic
 from .fl.site_config import MODELS_DIR
 from .jobs import JobSpec, export_job
 
-__all__ = ["RunFailed", "prepare_workspace", "run_simulator", "simulator_checkpoints", "check_rounds", "run_and_report"]
+__all__ = [
+    "RunFailed",
+    "job_folder_info",
+    "simulate_job_folder",
+    "prepare_workspace",
+    "run_simulator",
+    "simulator_checkpoints",
+    "check_rounds",
+    "run_and_report",
+]
 
 # lines of the FLARE log worth showing on the console without --verbose
 PROGRESS = re.compile(
@@ -101,6 +110,60 @@ def prepare_workspace(workspace: str | os.PathLike, overwrite: bool) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+def job_folder_info(job_dir: str | os.PathLike) -> dict[str, Any]:
+    """Name, site list and number of rounds of an exported job folder."""
+    job_dir = Path(job_dir)
+    workflow = json.loads((job_dir / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0]["args"]
+    name = json.loads((job_dir / "meta.json").read_text())["name"]
+    return {"name": name, "sites": list(workflow["sites"]), "rounds": int(workflow["num_rounds"])}
+
+
+def simulate_job_folder(
+    job_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    workspace: str | os.PathLike,
+    parallel: int | None = None,
+    verbose: bool = False,
+    show: Callable[[str], None] = print,
+) -> Path:
+    """Run an exported job folder in FLARE's simulator (one client per site of the job) under ``workspace``.
+
+    Returns the simulator workspace. Raises :class:`RunFailed` unless every round was aggregated.
+    """
+    job = job_folder_info(job_dir)
+    workspace = Path(workspace).resolve()
+    sim_ws = workspace / "simulator"
+    # one simulator client per site at a time: with fewer, FLARE swaps clients in and out every round
+    # (each swap restarts the site's process state, which the learner then reloads from its checkpoint)
+    parallel = parallel or len(job["sites"])
+    cmd = [
+        sys.executable,
+        "-m",
+        "nvflare.private.fed.app.simulator.simulator",
+        str(Path(job_dir).resolve()),
+        "-w",
+        str(sim_ws),
+        "-c",
+        ",".join(job["sites"]),
+        "-t",
+        str(parallel),
+    ]
+    env = dict(os.environ)
+    env["LCFED_DATA_ROOT"] = str(Path(data_dir).resolve())
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
+    show(
+        f"running {job['name']} in the FLARE simulator: {len(job['sites'])} sites, {job['rounds']} rounds, "
+        f"{parallel} client(s) at a time; log: {workspace / 'simulator.log'}"
+    )
+    t0 = time.perf_counter()
+    rc = _stream(cmd, env, workspace / "simulator.log", verbose, show)
+    if rc != 0:
+        raise RunFailed(f"the FLARE simulator exited with code {rc}; see {workspace / 'simulator.log'}")
+    check_rounds(sim_ws / "server" / "simulate_job" / "app_server" / "lcfed_rounds.json", job["rounds"], job["sites"])
+    show(f"simulation finished in {time.perf_counter() - t0:.0f} s")
+    return sim_ws
+
+
 def run_simulator(
     spec: JobSpec,
     data_dir: str | os.PathLike,
@@ -109,18 +172,10 @@ def run_simulator(
     verbose: bool = False,
     show: Callable[[str], None] = print,
 ) -> Path:
-    """Export ``spec`` to ``workspace/job``, run it in the simulator under ``workspace/simulator``.
-
-    Returns the simulator workspace. Raises :class:`RunFailed` unless every round was aggregated.
-    """
+    """Export ``spec`` to ``workspace/job`` and run it with :func:`simulate_job_folder`."""
     workspace = Path(workspace).resolve()
-    data_dir = Path(data_dir).resolve()
-    cpus = os.cpu_count() or 1
-    # one simulator client per site at a time: with fewer, FLARE swaps clients in and out every round
-    # (each swap restarts the site's process state, which the learner then reloads from its checkpoint)
-    parallel = parallel or len(spec.sites)
     if not spec.num_threads:
-        spec.num_threads = max(1, cpus // parallel)
+        spec.num_threads = max(1, (os.cpu_count() or 1) // (parallel or len(spec.sites)))
     job_dir = export_job(spec, workspace / "job")
     write_json_atomic(
         workspace / "simulator.json",
@@ -130,36 +185,10 @@ def run_simulator(
             "sites": spec.sites,
             "preset": spec.preset,
             "options": spec.options,
-            "data": str(data_dir),
+            "data": str(Path(data_dir).resolve()),
         },
     )
-    sim_ws = workspace / "simulator"
-    cmd = [
-        sys.executable,
-        "-m",
-        "nvflare.private.fed.app.simulator.simulator",
-        str(job_dir),
-        "-w",
-        str(sim_ws),
-        "-c",
-        ",".join(spec.sites),
-        "-t",
-        str(parallel),
-    ]
-    env = dict(os.environ)
-    env["LCFED_DATA_ROOT"] = str(data_dir)
-    env.setdefault("OMP_NUM_THREADS", str(spec.num_threads))
-    show(
-        f"running {spec.job_name} in the FLARE simulator: {len(spec.sites)} sites, {spec.rounds} rounds, "
-        f"{parallel} client(s) at a time; log: {workspace / 'simulator.log'}"
-    )
-    t0 = time.perf_counter()
-    rc = _stream(cmd, env, workspace / "simulator.log", verbose, show)
-    if rc != 0:
-        raise RunFailed(f"the FLARE simulator exited with code {rc}; see {workspace / 'simulator.log'}")
-    check_rounds(sim_ws / "server" / "simulate_job" / "app_server" / "lcfed_rounds.json", spec.rounds, spec.sites)
-    show(f"simulation finished in {time.perf_counter() - t0:.0f} s")
-    return sim_ws
+    return simulate_job_folder(job_dir, data_dir, workspace, parallel, verbose, show)
 
 
 def run_and_report(
