@@ -20,15 +20,16 @@ def quiet(_: str) -> None:
 
 def test_simulator_run_trains_for_real_and_writes_results(tiny_data2, tmp_path):
     ws = tmp_path / "run"
-    results = run_and_report("lcfed", tiny_data2, ws, preset="tiny", options={"rounds": 2}, show=quiet)
+    # 3 rounds: staged HC trains the network in rounds 0-1 and only HC in round 2
+    results = run_and_report("lcfed", tiny_data2, ws, preset="tiny", options={"rounds": 3}, show=quiet)
     sites = ["site-a", "site-b"]
-    # every round aggregated both sites, and the global shared model moved every round
+    # every round aggregated both sites; the global shared model moved in every network round
     record = json.loads((ws / "simulator/server/simulate_job/app_server" / ROUNDS_FILE).read_text())
-    assert [r["round"] for r in record["rounds"]] == [0, 1]
+    assert [r["round"] for r in record["rounds"]] == [0, 1, 2]
     for r in record["rounds"]:
         assert sorted(r["sites"]) == sites
         assert r["n_shared_keys"] > 0 and r["n_bank_keys"] == 2 * len(sites)
-        assert r["shared_change"] > 0
+    assert [r["shared_change"] > 0 for r in record["rounds"]] == [True, True, False]  # frozen in the HC round
     # the server keeps the shared model and the head bank, never HC
     glob = torch.load(ws / "simulator/server/simulate_job/app_server/FL_global_model.pt", weights_only=True)
     assert {k.split("/")[1] for k in glob["params"] if k.startswith("head_bank/")} == set(sites)
@@ -37,7 +38,7 @@ def test_simulator_run_trains_for_real_and_writes_results(tiny_data2, tmp_path):
     for s in sites:
         app = ws / f"simulator/{s}/lcfed_models/lcfed"
         assert (app / "best.pt").is_file() and (app / "last.pt").is_file()
-        assert len(json.loads((app / "history.json").read_text())) == 2
+        assert len(json.loads((app / "history.json").read_text())) == 3
         assert any((ws / f"simulator/server/simulate_job/tb_events/{s}").iterdir())
     # results
     out = ws / "results"

@@ -77,11 +77,20 @@ class KeyContract:
         """The keys a site sends: shared plus banked, in the given order."""
         return [k for k in keys if self.is_shared(k) or self.is_banked(k)]
 
-    def check_outgoing(self, sent: Iterable[str], model_keys: Iterable[str], site: str = "?") -> None:
-        """Raise :class:`ContractViolation` unless ``sent`` is exactly the outgoing key set of the model."""
+    def check_outgoing(
+        self, sent: Iterable[str], model_keys: Iterable[str], site: str = "?", allow_missing_shared: bool = False
+    ) -> None:
+        """Raise :class:`ContractViolation` unless ``sent`` is exactly the outgoing key set of the model.
+
+        ``allow_missing_shared`` tolerates shared keys that a privacy filter (e.g. FLARE's ``ExcludeVars``)
+        removed; banked keys must always be complete and nothing outside the outgoing set may appear.
+        """
         sent = set(sent)
+        model_keys = list(model_keys)
         expected = set(self.outgoing_keys(model_keys))
         missing = sorted(expected - sent)
+        if allow_missing_shared:
+            missing = [k for k in missing if not self.is_shared(k)]
         extra = sorted(sent - expected)
         if missing or extra:
             private = sorted(k for k in extra if k in set(model_keys))

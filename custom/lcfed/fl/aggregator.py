@@ -7,19 +7,24 @@ and a server-side record of what each site reported (``lcfed_rounds.json`` in th
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from nvflare.apis.dxo import MetaKey
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 
 from ..aggregation import HeadBankAggregation
+from ..contract import ContractViolation, split_bank_key
 from ..data.layout import write_json_atomic
 from .reference import reference_model
+from .server_state import load_state, run_identity, state_dir
 
 __all__ = ["HeadBankAggregator", "ROUNDS_FILE"]
 
@@ -38,10 +43,27 @@ class HeadBankAggregator(ModelAggregator):
         n_classes: output classes of the model.
         weighting: "uniform" (the paper) or "samples" (by each site's training samples).
         drop_stale_heads: forget the head of a site that did not report in a round (default: keep it).
+        allow_missing_shared: accept results from which a privacy filter removed shared keys.
+        run_name: the run's folder name on the server (the job name).
+        resume: continue the saved run (head bank, round record) -- see the persistor.
+
+    Results may come as weights or as differences (``WEIGHT_DIFF``, when the job sends differences so
+    that FLARE's diff-based privacy filters apply): a shared key's difference is taken against the
+    global model sent this round, a head's against the site's head in the bank sent this round (its
+    initial head before it is banked).
     """
 
     # exported to the job config even when equal to the default (FLARE drops defaults otherwise)
-    _always_serialize_args = ("algorithm", "sites", "preset", "options", "in_channels", "n_classes", "weighting")
+    _always_serialize_args = (
+        "algorithm",
+        "sites",
+        "preset",
+        "options",
+        "in_channels",
+        "n_classes",
+        "weighting",
+        "run_name",
+    )
 
     def __init__(
         self,
@@ -53,8 +75,15 @@ class HeadBankAggregator(ModelAggregator):
         n_classes: int = 1,
         weighting: str = "uniform",
         drop_stale_heads: bool = False,
+        allow_missing_shared: bool = False,
+        run_name: str = "lcfed",
+        resume: bool = False,
     ):
         super().__init__()
+        self.allow_missing_shared = allow_missing_shared
+        self.run_name = run_name
+        self.resume = resume
+        self._restored = False
         self.algorithm = algorithm
         self.sites = sites
         self.preset = preset
@@ -64,7 +93,12 @@ class HeadBankAggregator(ModelAggregator):
         self.weighting = weighting
         self.drop_stale_heads = drop_stale_heads
         algo, model, _ = reference_model(algorithm, sites, preset, options, in_channels, n_classes)
-        self.maths = HeadBankAggregation(algo.contract, model.state_dict().keys(), weighting, drop_stale_heads)
+        self.maths = HeadBankAggregation(
+            algo.contract, model.state_dict().keys(), weighting, drop_stale_heads, allow_missing_shared
+        )
+        self.identity = run_identity(algorithm, sites, preset, options, in_channels, n_classes)
+        state = model.state_dict()
+        self._initial_heads = {k: state[k].detach().cpu().numpy() for k in algo.contract.banked_keys(state)}
         # Local training sends no parameters: its (empty) results still count as arrived
         self.accepts_empty_results = algo.contract.shares_nothing
         self.final_validation: dict[str, Any] = {}
@@ -76,7 +110,36 @@ class HeadBankAggregator(ModelAggregator):
         }
         self._t0 = time.perf_counter()
 
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        super().handle_event(event_type, fl_ctx)
+        if event_type == EventType.START_RUN:
+            self._restore(fl_ctx)
+
+    def _restore(self, fl_ctx: FLContext | None) -> None:
+        """Continue a saved run: the head bank, the last global shared model and the round record."""
+        if not self.resume or self._restored or fl_ctx is None:
+            return
+        self._restored = True
+        directory = state_dir(fl_ctx, self.run_name)
+        state = load_state(directory, self.identity)
+        params = {k: v.numpy() for k, v in state["params"].items()}
+        bank: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in params.items():
+            parsed = split_bank_key(key)
+            if parsed:
+                bank.setdefault(parsed[0], {})[parsed[1]] = value
+        self.maths.head_bank = bank
+        self._previous_shared = {k: params[k] for k in self.maths.shared if k in params}
+        record = directory / ROUNDS_FILE
+        if record.is_file():
+            saved = json.loads(record.read_text())
+            self.rounds = [
+                r for r in saved.get("rounds", []) if r.get("round") is not None and r["round"] <= state["round"]
+            ]
+        self.log_info(fl_ctx, f"resumed aggregation after round {state['round']}: head bank {sorted(bank)}")
+
     def reset_stats(self) -> None:
+        self._restore(self.fl_ctx)
         self.maths.reset()
         self._round = {"sites": {}}
         self._t0 = time.perf_counter()
@@ -87,6 +150,8 @@ class HeadBankAggregator(ModelAggregator):
         if self.sites and site not in self.sites:
             raise ValueError(f"result from site {site!r}, which is not in the job's site list {self.sites}")
         params = model.params or {}
+        if model.params_type == ParamsType.DIFF:
+            params = self._from_differences(site, params)
         self.maths.accept(site, params, n_samples=meta.get("n_train"))
         metrics = model.metrics if isinstance(model.metrics, dict) else {}
         self._round["sites"][site] = {
@@ -97,8 +162,22 @@ class HeadBankAggregator(ModelAggregator):
         }
         self.info(f"accepted {len(params)} tensors from {site} ({self.maths.n_results} this round)")
 
+    def _from_differences(self, site: str, diffs: dict[str, Any]) -> dict[str, np.ndarray]:
+        own_head = self.maths.head_bank.get(site, self._initial_heads)
+        out = {}
+        for key, diff in diffs.items():
+            if self.maths.contract.is_banked(key):
+                base = own_head.get(key, self._initial_heads.get(key))
+            else:
+                base = self._previous_shared.get(key)
+            if base is None:
+                raise ContractViolation(f"site {site!r} sent a difference for {key!r}, which has no base value")
+            out[key] = np.asarray(base, dtype=np.float32) + np.asarray(diff, dtype=np.float32)
+        return out
+
     def aggregate_model(self) -> FLModel:
-        params = self.maths.result()  # raises when nothing arrived: an empty round never passes silently
+        # raises when nothing arrived: an empty round never passes silently
+        params = self.maths.result(previous=self._previous_shared)
         round_idx = self.fl_ctx.get_prop(AppConstants.CURRENT_ROUND) if self.fl_ctx else None
         dices = {s: v["val_dice"] for s, v in self._round["sites"].items()}
         known = [d for d in dices.values() if not np.isnan(d)]  # nan: a site did not validate this round
@@ -145,3 +224,4 @@ class HeadBankAggregator(ModelAggregator):
             "final_validation": self.final_validation,
         }
         write_json_atomic(app_dir / ROUNDS_FILE, record)
+        write_json_atomic(state_dir(self.fl_ctx, self.run_name) / ROUNDS_FILE, record)

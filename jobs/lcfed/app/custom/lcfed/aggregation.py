@@ -31,6 +31,9 @@ class HeadBankAggregation:
         expected_keys: every key of the site model (the contract decides which of them may arrive).
         weighting: "uniform" or "samples".
         drop_stale_heads: forget a site's head when it does not report in a round.
+        allow_missing_shared: accept results without some shared keys (removed by a privacy filter such
+            as ``ExcludeVars``); such a key is averaged over the sites that sent it, and keeps its previous
+            global value when no site did.
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class HeadBankAggregation:
         expected_keys: Iterable[str],
         weighting: str = "uniform",
         drop_stale_heads: bool = False,
+        allow_missing_shared: bool = False,
     ):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
@@ -48,6 +52,7 @@ class HeadBankAggregation:
         self.shared = contract.shared_keys(self.model_keys)
         self.weighting = weighting
         self.drop_stale_heads = drop_stale_heads
+        self.allow_missing_shared = allow_missing_shared
         self.head_bank: dict[str, dict[str, np.ndarray]] = {}
         self.reset()
 
@@ -65,7 +70,7 @@ class HeadBankAggregation:
             raise ContractViolation("a result arrived without the name of the site that sent it")
         if site in self._results:
             raise ContractViolation(f"site {site!r} sent two results in one round")
-        self.contract.check_outgoing(params.keys(), self.model_keys, site)
+        self.contract.check_outgoing(params.keys(), self.model_keys, site, self.allow_missing_shared)
         arrays = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
         bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
         if bad:
@@ -75,16 +80,25 @@ class HeadBankAggregation:
             raise ContractViolation(f"site {site!r} reported no training samples; cannot weight its update")
         self._results[site] = (arrays, weight)
 
-    def result(self) -> dict[str, np.ndarray]:
-        """The averaged shared parameters plus the head bank. Raises when no result arrived."""
+    def result(self, previous: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """The averaged shared parameters plus the head bank. Raises when no result arrived.
+
+        ``previous`` (the global model sent this round) fills shared keys that no site sent.
+        """
         if not self._results:
             raise RuntimeError("no client result arrived this round: nothing to aggregate")
         sites = sorted(self._results)  # fixed order: the same inputs give bit-identical averages
-        total = sum(self._results[s][1] for s in sites)
         out: dict[str, np.ndarray] = {}
         for key in self.shared:
-            acc = np.zeros_like(self._results[sites[0]][0][key], dtype=np.float64)
-            for s in sites:
+            senders = [s for s in sites if key in self._results[s][0]]
+            if not senders:
+                if previous is None or key not in previous:
+                    raise RuntimeError(f"no site sent shared parameter {key!r} and there is no previous value")
+                out[key] = np.asarray(previous[key], dtype=np.float32)
+                continue
+            total = sum(self._results[s][1] for s in senders)
+            acc = np.zeros_like(self._results[senders[0]][0][key], dtype=np.float64)
+            for s in senders:
                 arrays, w = self._results[s]
                 acc += arrays[key].astype(np.float64) * (w / total)
             out[key] = acc.astype(np.float32)

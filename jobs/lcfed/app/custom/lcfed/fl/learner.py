@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
@@ -26,15 +27,17 @@ from nvflare.app_common.app_constant import AppConstants, ValidateType
 
 from ..algorithms import get_algorithm
 from ..config import make_config
+from ..contract import bank_key
 from ..data.layout import write_json_atomic
 from ..data.pipeline import load_site
-from ..trainer import SiteTrainer
+from ..trainer import CheckpointMismatch, SiteTrainer
 from .site_config import models_root, resolve_site_data
 
 __all__ = ["LCFedLearner", "BEST", "LAST", "HISTORY"]
 
 BEST = "best.pt"
 LAST = "last.pt"
+PREVIOUS = "previous.pt"
 HISTORY = "history.json"
 
 
@@ -56,10 +59,12 @@ class LCFedLearner(Learner):
         resume: continue from the site's last checkpoint of an earlier job with the same ``run_name``
             (model, personal layers, optimizer, head bank, round); without it an earlier run's files are
             moved to ``previous/`` and training starts fresh. A restart within the same job always resumes.
+        send_diffs: send differences (``WEIGHT_DIFF``) instead of weights, so that FLARE's diff-based
+            privacy filters can be added to the job (the aggregator rebuilds the weights).
     """
 
     # exported to the job config even when equal to the default (FLARE drops defaults otherwise)
-    _always_serialize_args = ("algorithm", "sites", "preset", "options", "in_channels", "n_classes")
+    _always_serialize_args = ("algorithm", "sites", "preset", "options", "in_channels", "n_classes", "run_name")
 
     def __init__(
         self,
@@ -74,10 +79,13 @@ class LCFedLearner(Learner):
         tb_writer_id: str = "tb_writer",
         run_name: str = "lcfed",
         resume: bool = False,
+        send_diffs: bool = False,
     ):
         super().__init__()
         self.run_name = run_name
         self.resume = resume
+        self.send_diffs = send_diffs
+        self.initial_state: dict[str, np.ndarray] = {}
         self.algorithm = algorithm
         self.sites = sites
         self.preset = preset
@@ -121,6 +129,8 @@ class LCFedLearner(Learner):
                 f"{data.info.channels} channel(s) and classes {list(data.info.labels)}"
             )
         self.trainer = SiteTrainer(algorithm, config, data, sites, self.site)
+        # the seeded initial model (the server's reference model is the same): base of a head's first difference
+        self.initial_state = {k: v.detach().cpu().numpy().copy() for k, v in self.trainer.model.state_dict().items()}
         self.job_id = fl_ctx.get_job_id()
         self.ckpt_dir = models_root(self.site, workspace.get_root_dir()) / self.run_name
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -165,8 +175,10 @@ class LCFedLearner(Learner):
         trainer = self.trainer
         dxo = from_shareable(data)
         round_idx = int(data.get_header(AppConstants.CURRENT_ROUND, trainer.round))
-        total = int(data.get_header(AppConstants.NUM_ROUNDS, trainer.config.rounds))
+        total = trainer.config.rounds  # the run's rounds (a resumed job runs only the rest)
+        self._align_with_server(round_idx, fl_ctx)
         trainer.receive(dxo.data, round_idx)
+        base = self._difference_base(dxo.data) if self.send_diffs else None
         evaluated = None
         if not trainer.algorithm.personalized and round_idx > 0:
             # FedAvg/FedProx: the site's model is the global one; what arrived is round r-1's aggregate
@@ -177,6 +189,9 @@ class LCFedLearner(Learner):
         self._entry(round_idx).update(stats, total_rounds=total)
         if trainer.algorithm.personalized:
             evaluated = self._validate(round_idx, total, fl_ctx, "personalized model")
+        if (self.ckpt_dir / LAST).is_file():
+            # one round back, for a server that resumes from the round before this one (crash mid-round)
+            shutil.copy2(self.ckpt_dir / LAST, self.ckpt_dir / PREVIOUS)
         self._save(LAST, round=round_idx)
         self._flush_history()
         losses = ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.endswith(("loss", "contrastive", "proximal")))
@@ -191,7 +206,46 @@ class LCFedLearner(Learner):
         if evaluated is not None:
             # a dict, never a bare float: FLARE 2.9 drops results whose INITIAL_METRICS is a float
             meta[MetaKey.INITIAL_METRICS] = {"val_dice": float(evaluated["dice"])}
-        return DXO(data_kind=DataKind.WEIGHTS, data=trainer.outgoing(), meta=meta).to_shareable()
+        outgoing = trainer.outgoing()
+        if base is not None:
+            # differences, so FLARE's diff-based privacy filters (PercentilePrivacy, SVTPrivacy) apply
+            diffs = {k: v - base[k] for k, v in outgoing.items()}
+            return DXO(data_kind=DataKind.WEIGHT_DIFF, data=diffs, meta=meta).to_shareable()
+        return DXO(data_kind=DataKind.WEIGHTS, data=outgoing, meta=meta).to_shareable()
+
+    def _difference_base(self, received: dict[str, Any]) -> dict[str, np.ndarray]:
+        """What the server adds a difference to: the global it sent, and this site's banked (or initial) head."""
+        contract = self.trainer.contract
+        base = {k: np.asarray(v, dtype=np.float32) for k, v in received.items() if contract.is_shared(k)}
+        for key in contract.banked_keys(self.trainer.model_keys()):
+            banked = received.get(bank_key(self.site, key))
+            base[key] = np.asarray(banked if banked is not None else self.initial_state[key], dtype=np.float32)
+        return base
+
+    def _align_with_server(self, round_idx: int, fl_ctx: FLContext) -> None:
+        """A resumed server may restart the round this site already trained: step back one checkpoint."""
+        trainer = self.trainer
+        if trainer.round <= round_idx:
+            if trainer.round < round_idx and trainer.round > 0:
+                self.log_info(
+                    fl_ctx, f"site {self.site} rejoins at round {round_idx + 1} (last trained {trainer.round})"
+                )
+            return
+        previous = self.ckpt_dir / PREVIOUS
+        if previous.is_file():
+            state = torch.load(previous, map_location="cpu", weights_only=True)
+            if int(state["round"]) == round_idx:
+                trainer.load_state_dict(state, source=str(previous))
+                self.history = [h for h in trainer.history if h["round"] < round_idx]
+                self.best_dice = max((h["val_dice"] for h in self.history if "val_dice" in h), default=-1.0)
+                self.log_info(
+                    fl_ctx, f"site {self.site}: server restarts round {round_idx + 1}; stepped back to {previous}"
+                )
+                return
+        raise CheckpointMismatch(
+            f"site {self.site!r} has trained up to round {trainer.round} but the server asks for round "
+            f"{round_idx + 1}, and no checkpoint of round {round_idx} is kept in {self.ckpt_dir}"
+        )
 
     def validate(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if data.get_header(AppConstants.VALIDATE_TYPE) == ValidateType.BEFORE_TRAIN_VALIDATE:
