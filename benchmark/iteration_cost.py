@@ -2,8 +2,8 @@
 
     python benchmark/iteration_cost.py --data data/demo [--site site-a] [--preset demo] [--repeats 5]
 
-Every variant runs on the same batches, in alternating blocks (this machine is shared and noisy), and
-the ratios are taken from the medians. Then LC-Fed's own parts are timed alone to show where the extra
+Every variant runs on the same batches, interleaved one iteration at a time (this machine is shared and
+noisy), and the ratios are taken from the medians. Then LC-Fed's own parts are timed alone to show where the extra
 time goes: the contrastive term, the disagreement map (all banked heads, peak picking) and the Head
 Calibration step.
 """
@@ -71,15 +71,16 @@ def main() -> None:
     }
     for fn in variants.values():  # warm-up
         fn()
+    # interleaved one iteration at a time, so load from other processes hits every variant alike
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.repeats):
+    for _ in range(args.repeats * args.iterations):
         for name, fn in variants.items():
-            times[name].append(_timer(fn, args.iterations))
+            times[name].append(_timer(fn, 1))
     base = statistics.median(times["plain U-Net (FedAvg) iteration"])
     print(
         f"site {site}, preset {args.preset} (width {cfg.width}, {cfg.size}x{cfg.size}, batch {cfg.batch_size}), "
-        f"device {lc.device}, torch threads {torch.get_num_threads()}; medians of {args.repeats} blocks "
-        f"of {args.iterations} iterations"
+        f"device {lc.device}, torch threads {torch.get_num_threads()}; medians of {args.repeats * args.iterations} "
+        "iterations, the variants interleaved"
     )
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -36,7 +36,7 @@ def test_simulator_run_trains_for_real_and_writes_results(tiny_data2, tmp_path):
     assert not any(k.startswith(("hc.", "head.")) for k in glob["params"])
     # personalized checkpoints at each site; per-site TensorBoard events on the server
     for s in sites:
-        app = ws / f"simulator/{s}/lcfed_models/lcfed"
+        app = ws / f"models/{s}/lcfed"
         assert (app / "best.pt").is_file() and (app / "last.pt").is_file()
         assert len(json.loads((app / "history.json").read_text())) == 3
         assert any((ws / f"simulator/server/simulate_job/tb_events/{s}").iterdir())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import json
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,7 @@ def test_aggregator_averages_shared_banks_heads_and_sends_all_heads_back():
 def test_aggregator_raises_on_an_empty_round():
     agg = HeadBankAggregator(**MODEL_ARGS)
     agg.reset_stats()
-    with pytest.raises(RuntimeError, match="no client result"):
+    with pytest.raises(RuntimeError, match=r"only 0 site\(s\).*missing: \[.site-a., .site-b., .site-c.\]"):
         agg.aggregate_model()
 
 
@@ -235,3 +236,27 @@ def test_an_earlier_run_is_archived_not_overwritten_and_resume_continues_it(lear
     resumed = LCFedLearner(**MODEL_ARGS, tb_writer_id="", resume=True)
     resumed.initialize({}, _OtherJob(tmp_path, "site-a"))
     assert resumed.trainer.round == 2
+
+
+def test_a_failed_job_reports_the_servers_reason(tmp_path):
+    from lcfed.run import RunFailed, judge_job
+
+    ws = tmp_path / "workspace"
+    (ws / "app_server").mkdir(parents=True)
+    (ws / "log.txt").write_text(
+        "2026-11-27 14:27:31,237 - SiteListFedAvg - ERROR - [identity=p] - Exception in model controller run: "
+        "RuntimeError: only 2 site(s) ['site-a', 'site-b'] returned a result this round; the job needs 3 "
+        "(min_clients); missing: ['site-c']\n"
+    )
+    job = {"sites": ["site-a", "site-b", "site-c"], "rounds": 2, "min_clients": None}
+    with pytest.raises(RunFailed, match=r"EXECUTION_EXCEPTION; server: .*missing: \['site-c'\]"):
+        judge_job("FINISHED:EXECUTION_EXCEPTION", ws, job, print)
+    # ABNORMAL is accepted only when the job tolerates missing sites, and then only with every round run
+    with pytest.raises(RunFailed, match="ABNORMAL"):
+        judge_job("FINISHED:ABNORMAL", ws, job, print)
+    with pytest.raises(RunFailed, match="aggregated no round"):
+        judge_job("FINISHED:ABNORMAL", ws, {**job, "min_clients": 2}, print)
+    rounds = [{"round": r, "sites": ["site-a", "site-b"] if r else job["sites"]} for r in range(2)]
+    (ws / "app_server" / "lcfed_rounds.json").write_text(json.dumps({"rounds": rounds}))
+    record = judge_job("FINISHED:ABNORMAL", ws, {**job, "min_clients": 2}, print)
+    assert len(record["rounds"]) == 2

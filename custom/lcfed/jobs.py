@@ -39,6 +39,8 @@ class JobSpec:
         min_clients: sites that must be connected to start, and results a round needs (default: all
             sites). Below the number of sites, the run goes on when a site drops out.
         wait_time_after_min_received: seconds a round waits for late sites once ``min_clients`` answered.
+        round_timeout: seconds after which a round stops waiting for sites (a site that died unnoticed);
+            with fewer than ``min_clients`` results the run then fails.
         num_threads: torch threads per site process (0: torch's default).
         task_request_interval: seconds a client waits before asking the server for its next task.
         resume: continue the run saved under this job name (server: shared model, head bank, round;
@@ -61,6 +63,7 @@ class JobSpec:
     drop_stale_heads: bool = False
     min_clients: int = 0
     wait_time_after_min_received: int = 10
+    round_timeout: int = 3600
     num_threads: int = 0
     task_request_interval: float = 0.5
     resume: bool = False
@@ -151,12 +154,14 @@ def build_job(spec: JobSpec, custom_dir: str | Path):
         weighting=spec.weighting,
         drop_stale_heads=spec.drop_stale_heads,
         allow_missing_shared=bool(spec.exclude_vars),
+        min_clients=spec.min_clients,
     )
     shares_nothing = get_algorithm(spec.algorithm).contract.shares_nothing
     controller = SiteListFedAvg(
         sites=sites,
         min_clients=spec.min_clients,
         wait_time_after_min_received=spec.wait_time_after_min_received,
+        round_timeout=spec.round_timeout,
         num_clients=len(sites),
         num_rounds=spec.rounds,
         persistor_id="persistor",

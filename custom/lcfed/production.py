@@ -22,7 +22,7 @@ import yaml
 from .data.layout import write_json_atomic
 from .deploy import admin_env, download_result, processes_using, stop_pids, submit_with_console, wait_for_job
 from .fl.site_config import MODELS_DIR, SITE_CONFIG_FILE
-from .run import RunFailed, check_rounds
+from .run import RunFailed, job_folder_info, judge_job
 
 __all__ = ["provision", "write_site_config", "Federation", "project_admin"]
 
@@ -156,15 +156,15 @@ class Federation:
         self.show(f"federation shut down{f' (signalled {signalled})' if signalled else ''}")
         return signalled
 
-    def dry_run(self, job_dir: str | os.PathLike, rounds: int, timeout: float = 1800.0) -> dict[str, Any]:
+    def dry_run(self, job_dir: str | os.PathLike, timeout: float = 1800.0) -> dict[str, Any]:
         """Start, then :meth:`run_job`; always shut down."""
         try:
             self.start()
-            return self.run_job(job_dir, rounds, timeout)
+            return self.run_job(job_dir, timeout)
         finally:
             self.shutdown()
 
-    def run_job(self, job_dir: str | os.PathLike, rounds: int, timeout: float = 1800.0) -> dict[str, Any]:
+    def run_job(self, job_dir: str | os.PathLike, timeout: float = 1800.0) -> dict[str, Any]:
         """Submit as the admin through the console, wait, check the rounds and every site's checkpoints."""
         job_dir = Path(job_dir)
         job_name = json.loads((job_dir / "meta.json").read_text())["name"]
@@ -172,10 +172,12 @@ class Federation:
         self.show(f"submitted {job_name} as job {job_id} through the admin console of {self.admin}")
         meta = self.wait(job_id, timeout)
         status = str(meta.get("status"))
-        if status != "FINISHED:COMPLETED":
-            raise RunFailed(f"job {job_id} ended {status}; server log {self.kit('server') / job_id / 'log.txt'}")
         result = download_result(self.admin, self.kit(self.admin), job_id, self.kits.parent / "downloads")
-        record = check_rounds(result / "workspace" / "app_server" / "lcfed_rounds.json", rounds, self.sites)
+        job = job_folder_info(job_dir)
+        try:
+            record = judge_job(status, result / "workspace", job, self.show)
+        except RunFailed as e:
+            raise RunFailed(f"job {job_id}: {e}") from None
         missing = [s for s, p in self.checkpoints(job_name).items() if not p.is_file()]
         if missing:
             raise RunFailed(f"site(s) {missing} wrote no personalized checkpoint")

@@ -88,7 +88,8 @@ class ValidatePaird(MapTransform):
         bad = values[~np.isin(values, self.label_values)]
         if bad.size:
             raise DataError(
-                f"label values {bad[:8].tolist()} outside the expected set {self.label_values.tolist()}",
+                f"label values {[int(v) if float(v).is_integer() else float(v) for v in bad[:8]]} "
+                f"outside the expected set {self.label_values.tolist()}",
                 self.site,
                 lab_file,
             )
@@ -222,7 +223,12 @@ def load_site(
         splits: which splits to load.
         site_dir: the site's folder if not ``data_dir/site``.
     """
-    info = load_dataset_info(data_dir)
+    try:
+        info = load_dataset_info(data_dir)
+    except DataError as e:
+        if e.site is None:  # name the site that was looking for its data
+            raise DataError(e.what, site, e.file) from None
+        raise
     if site not in info.sites:
         raise DataError(
             f"site is not listed in dataset.json (sites: {info.sites})", site, Path(data_dir) / "dataset.json"

@@ -44,6 +44,7 @@ class HeadBankAggregator(ModelAggregator):
         weighting: "uniform" (the paper) or "samples" (by each site's training samples).
         drop_stale_heads: forget the head of a site that did not report in a round (default: keep it).
         allow_missing_shared: accept results from which a privacy filter removed shared keys.
+        min_clients: results a round needs (0: every site); fewer fail the run, naming the missing sites.
         run_name: the run's folder name on the server (the job name).
         resume: continue the saved run (head bank, round record) -- see the persistor.
 
@@ -78,8 +79,10 @@ class HeadBankAggregator(ModelAggregator):
         allow_missing_shared: bool = False,
         run_name: str = "lcfed",
         resume: bool = False,
+        min_clients: int = 0,
     ):
         super().__init__()
+        self.min_clients = min_clients
         self.allow_missing_shared = allow_missing_shared
         self.run_name = run_name
         self.resume = resume
@@ -176,6 +179,14 @@ class HeadBankAggregator(ModelAggregator):
         return out
 
     def aggregate_model(self) -> FLModel:
+        required = self.min_clients or len(self.sites or []) or 1
+        if self.maths.n_results < required:
+            arrived = sorted(self._round.get("sites", {}))
+            missing = sorted(set(self.sites or []) - set(arrived))
+            raise RuntimeError(
+                f"only {len(arrived)} site(s) {arrived} returned a result this round; the job needs {required} "
+                f"(min_clients); missing: {missing}"
+            )
         # raises when nothing arrived: an empty round never passes silently
         params = self.maths.result(previous=self._previous_shared)
         round_idx = self.fl_ctx.get_prop(AppConstants.CURRENT_ROUND) if self.fl_ctx else None

@@ -73,7 +73,7 @@ class OutgoingAudit(Filter):
         record: dict[str, Any] = {
             "time": time.time(),
             "task": fl_ctx.get_prop(ReservedKey.TASK_NAME, "?"),
-            "round": _round_of(fl_ctx),
+            "round": _round_of(shareable, fl_ctx),
             "data_kind": dxo.data_kind,
             "bytes": len(fobs.dumps(shareable)),
         }
@@ -109,10 +109,13 @@ class OutgoingAudit(Filter):
         return shareable
 
 
-def _round_of(fl_ctx: FLContext) -> int | None:
-    """The round of the task this result answers (the result itself carries no round header)."""
-    task = fl_ctx.get_prop(FLContextKey.TASK_DATA)
-    return task.get_header(AppConstants.CURRENT_ROUND) if isinstance(task, Shareable) else None
+def _round_of(shareable: Shareable, fl_ctx: FLContext) -> int | None:
+    """The round this result answers: the learner's round header, else the task's."""
+    round_idx = shareable.get_header(AppConstants.CURRENT_ROUND)
+    if round_idx is None:
+        task = fl_ctx.get_prop(FLContextKey.TASK_DATA)
+        round_idx = task.get_header(AppConstants.CURRENT_ROUND) if isinstance(task, Shareable) else None
+    return None if round_idx is None else int(round_idx)
 
 
 def read_audit(path: str | Path) -> list[dict[str, Any]]:

@@ -24,9 +24,18 @@ from pathlib import Path
 
 from ..data.layout import DataError
 
-__all__ = ["SITE_CONFIG_FILE", "DATA_ROOT_ENV", "MODELS_DIR", "SiteDataLocation", "resolve_site_data", "models_root"]
+__all__ = [
+    "SITE_CONFIG_FILE",
+    "DATA_ROOT_ENV",
+    "MODELS_DIR",
+    "MODELS_ROOT_ENV",
+    "SiteDataLocation",
+    "resolve_site_data",
+    "models_root",
+]
 
 MODELS_DIR = "lcfed_models"
+MODELS_ROOT_ENV = "LCFED_MODELS_ROOT"
 
 SITE_CONFIG_FILE = "lcfed_site.json"
 DATA_ROOT_ENV = "LCFED_DATA_ROOT"
@@ -85,8 +94,16 @@ def _site_config(workspace_root: str | os.PathLike | None, site: str) -> dict:
 
 
 def models_root(site: str, workspace_root: str | os.PathLike | None) -> Path:
-    """Where this site keeps its personalized models (persistent across jobs)."""
+    """Where this site (or the server) keeps its models and run state, persistent across jobs.
+
+    ``"models_dir"`` of the site configuration file; else ``$LCFED_MODELS_ROOT/<site>`` (the simulator
+    wipes its own workspace at every start, so ``lcfed run`` keeps models beside it); else
+    ``<site workspace>/lcfed_models``.
+    """
     cfg = _site_config(workspace_root, site)
     if cfg.get("models_dir"):
         return Path(cfg["models_dir"]).expanduser()
+    env = os.environ.get(MODELS_ROOT_ENV, "")
+    if env:
+        return Path(env).expanduser() / site
     return Path(workspace_root or ".") / MODELS_DIR

@@ -71,7 +71,7 @@ def _one_run(
     sim_ws = run_simulator(spec, data_dir, ws, show=lambda line: None)
     wall = time.perf_counter() - t0
     evaluation = evaluate_checkpoints(
-        data_dir, simulator_checkpoints(sim_ws, spec.sites, spec.job_name), overlay_cases=0
+        data_dir, simulator_checkpoints(ws / "models", spec.sites, spec.job_name), overlay_cases=0
     )
     rounds = json.loads((sim_ws / "server/simulate_job/app_server/lcfed_rounds.json").read_text())["rounds"]
     result = {

@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--parallel", type=int, help="clients run at a time (default: all sites)")
     run.add_argument("--verbose", action="store_true", help="show the whole FLARE log")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --workspace")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --workspace from its last round (server state and every site's state) "
+        "up to --rounds in total",
+    )
     _add_train_options(run)
 
     job = sub.add_parser("job", help="export FLARE job folders").add_subparsers(dest="job_command", required=True)
@@ -85,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--classes", type=int, help="output classes (default 2)")
     exp.add_argument("--min-clients", dest="min_clients", type=int, default=0, help="default: all sites")
     exp.add_argument("--weighting", default="uniform", choices=("uniform", "samples"))
+    exp.add_argument("--drop-stale-heads", action="store_true", help="forget the head of a site that misses a round")
+    exp.add_argument("--round-timeout", type=int, default=3600, help="seconds a round waits for sites")
+    exp.add_argument("--resume", action="store_true", help="continue the run saved under this job name")
+    exp.add_argument("--send-diffs", action="store_true", help="sites send differences instead of weights")
+    exp.add_argument(
+        "--exclude-vars", default="", help="regular expression of shared keys no site sends (FLARE ExcludeVars)"
+    )
+    exp.add_argument(
+        "--percentile-privacy",
+        metavar="PERCENTILE,GAMMA",
+        help="add FLARE's PercentilePrivacy filter to every site's result (e.g. 10,0.01); implies --send-diffs",
+    )
     _add_train_options(exp)
     committed = job.add_parser("export-committed", help="re-export the job folders committed under jobs/")
     committed.add_argument("--out", default="jobs")
@@ -191,9 +209,25 @@ def _cmd_job(args: argparse.Namespace) -> int:
         name=args.name,
         weighting=args.weighting,
         min_clients=args.min_clients,
+        drop_stale_heads=args.drop_stale_heads,
+        round_timeout=args.round_timeout,
+        resume=args.resume,
+        send_diffs=args.send_diffs,
+        exclude_vars=args.exclude_vars,
+        percentile_privacy=_percentile_privacy(args.percentile_privacy),
     )
     print(f"exported {export_job(spec, args.out)} (sites {sites})")
     return 0
+
+
+def _percentile_privacy(value: str | None) -> dict[str, float] | None:
+    if not value:
+        return None
+    try:
+        percentile, gamma = (float(v) for v in value.split(","))
+    except ValueError:
+        raise SystemExit(f"--percentile-privacy wants PERCENTILE,GAMMA (e.g. 10,0.01), not {value!r}") from None
+    return {"percentile": percentile, "gamma": gamma}
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -203,7 +237,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     sites = load_dataset_info(args.data).sites
     job = json.loads((Path(args.workspace) / "simulator.json").read_text())["job_name"]
-    ckpts = simulator_checkpoints(Path(args.workspace) / "simulator", sites, job)
+    ckpts = simulator_checkpoints(Path(args.workspace) / "models", sites, job)
     results = write_results(Path(args.workspace) / "results", evaluate_checkpoints(args.data, ckpts))
     print_table(results)
     return 0
@@ -248,7 +282,7 @@ def _cmd_prod(args: argparse.Namespace) -> int:
         for s in job["sites"]:
             production.write_site_config(kits / s, args.data)
         fed = production.Federation(kits, job["sites"], production.project_admin(args.project))
-        fed.dry_run(args.job, job["rounds"], args.timeout)
+        fed.dry_run(args.job, args.timeout)
     return 0
 
 
@@ -287,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.parallel,
                 args.verbose,
                 overwrite=args.overwrite,
+                resume=args.resume,
             )
             return 0 if results else 1
     except (DataError, FileExistsError, ValueError) as e:

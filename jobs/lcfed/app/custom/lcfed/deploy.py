@@ -108,22 +108,20 @@ def wait_for_job(
     poll: float = 3.0,
     on_poll: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Follow a job until it ends (FLARE API ``monitor_job``); returns the final job meta."""
+    """Poll the job's meta through the FLARE API until its status is terminal (``FINISHED:*``)."""
     sess = _session(username, admin_kit)
-
-    def callback(session, jid, meta, *args, **kwargs) -> bool:
-        if on_poll is not None:
-            on_poll(meta)
-        return True
-
     try:
-        from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
-
-        rc = sess.monitor_job(job_id, timeout=timeout, poll_interval=poll, cb=callback)
-        meta = sess.get_job_meta(job_id)
-        if rc == MonitorReturnCode.TIMEOUT:
-            raise TimeoutError(f"job {job_id} did not finish within {timeout:.0f} s (status {meta.get('status')})")
-        return meta
+        deadline = time.time() + timeout
+        while True:
+            meta = sess.get_job_meta(job_id)
+            if on_poll is not None:
+                on_poll(meta)
+            status = str(meta.get("status", ""))
+            if status.startswith(TERMINAL):
+                return meta
+            if time.time() > deadline:
+                raise TimeoutError(f"job {job_id} did not finish within {timeout:.0f} s (status {status})")
+            time.sleep(poll)
     finally:
         sess.close()
 

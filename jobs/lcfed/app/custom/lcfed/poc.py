@@ -32,11 +32,12 @@ from .deploy import (
 )
 from .fl.site_config import MODELS_DIR, SITE_CONFIG_FILE
 from .jobs import JobSpec, export_job
-from .run import PROGRESS, RunFailed, check_rounds, job_folder_info
+from .run import PROGRESS, RunFailed, job_folder_info, judge_job
 
 __all__ = ["PocWorkspace", "POC_ADMIN"]
 
 POC_ADMIN = "admin@nvidia.com"  # the project admin that `nvflare poc prepare` provisions
+CLIENT_OUTCOME_WAIT_ENV = "NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT"  # FLARE's client_outcome_wait_timeout
 
 
 class PocWorkspace:
@@ -60,6 +61,9 @@ class PocWorkspace:
     # -- environment -------------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
         extra = {"NVFLARE_POC_WORKSPACE": str(self.poc_dir)}
+        # after a site died, FLARE waits this long for the dead site's outcome before it publishes the job's
+        # final status (default 900 s); a POC on one workstation needs no such patience
+        extra[CLIENT_OUTCOME_WAIT_ENV] = os.environ.get(CLIENT_OUTCOME_WAIT_ENV, "60")
         if self.home:
             extra["HOME"] = str(self.home)
         return admin_env(extra)
@@ -227,12 +231,10 @@ class PocWorkspace:
         meta = self.follow(job_id, timeout)
         status = str(meta.get("status"))
         downloaded = self.download(job_id)
-        if status != "FINISHED:COMPLETED":
-            raise RunFailed(
-                f"job {job_id} ended {status}; server log: {self.kit_dir / 'server' / job_id / 'log.txt'}, "
-                f"site logs: {self.kit_dir}/<site>/{job_id}/log.txt"
-            )
-        check_rounds(downloaded / "workspace" / "app_server" / "lcfed_rounds.json", job["rounds"], job["sites"])
+        try:
+            judge_job(status, downloaded / "workspace", job, self.show)
+        except RunFailed as e:
+            raise RunFailed(f"job {job_id}: {e}; site logs: {self.kit_dir}/<site>/log.txt") from None
         evaluation = evaluate_checkpoints(data_dir, self.checkpoints(job["name"], job["sites"]))
         results = write_results(self.root / "results", evaluation, title=f"{job['name']} on {info.name} (POC)")
         results["job_id"] = job_id

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.layout import load_dataset_info, write_json_atomic
-from .fl.site_config import MODELS_DIR
+from .fl.site_config import DATA_ROOT_ENV, MODELS_ROOT_ENV
 from .jobs import JobSpec, export_job
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "run_simulator",
     "simulator_checkpoints",
     "check_rounds",
+    "judge_job",
+    "failure_reason",
     "run_and_report",
 ]
 
@@ -65,20 +67,22 @@ def _stream(cmd: list[str], env: dict[str, str], log_file: Path, verbose: bool, 
 
 
 def simulator_checkpoints(
-    sim_ws: str | os.PathLike, sites: list[str], run_name: str, which: str = "best.pt"
+    models: str | os.PathLike, sites: list[str], run_name: str, which: str = "best.pt"
 ) -> dict[str, Path]:
-    """Each site's personalized checkpoint inside a simulator workspace."""
+    """Each site's personalized checkpoint in a run's models folder (``WS/models``)."""
     out = {}
     for s in sites:
-        path = Path(sim_ws) / s / MODELS_DIR / run_name / which
+        path = Path(models) / s / run_name / which
         if not path.is_file():
             raise RunFailed(f"site {s!r} wrote no personalized checkpoint ({path} is missing)")
         out[s] = path
     return out
 
 
-def check_rounds(rounds_file: str | os.PathLike, expected_rounds: int, sites: list[str]) -> dict[str, Any]:
-    """The server's round record must show every round aggregated from at least one site."""
+def check_rounds(
+    rounds_file: str | os.PathLike, expected_rounds: int, sites: list[str], min_sites: int = 1
+) -> dict[str, Any]:
+    """The server's round record must show every round aggregated from at least ``min_sites`` sites."""
     path = Path(rounds_file)
     if not path.is_file():
         raise RunFailed(f"the server aggregated no round ({path} is missing): the run did nothing")
@@ -89,18 +93,74 @@ def check_rounds(rounds_file: str | os.PathLike, expected_rounds: int, sites: li
     empty = [r["round"] for r in rounds if not r.get("sites")]
     if empty:
         raise RunFailed(f"rounds {empty} aggregated zero results")
+    short = [r["round"] for r in rounds if len(r["sites"]) < min_sites]
+    if short:
+        raise RunFailed(f"rounds {short} aggregated fewer than {min_sites} sites")
     return record
 
 
-RUN_ENTRIES = ("job", "simulator", "results", "simulator.log", "simulator.json")
+def judge_job(
+    status: str, server_workspace: str | os.PathLike, job: dict[str, Any], show: Callable[[str], None]
+) -> dict:
+    """Decide whether a finished job trained what it should; raise :class:`RunFailed` if not.
+
+    ``server_workspace`` is the server's downloaded job workspace (``app_server/lcfed_rounds.json`` and
+    ``log.txt``). ``FINISHED:COMPLETED`` with every round aggregated passes. ``FINISHED:ABNORMAL`` (a site
+    dropped out) passes only for a job whose ``min_clients`` is below its number of sites, when every round
+    still aggregated at least ``min_clients`` sites; the sites that dropped out are reported. A failure
+    carries the server's own reason, taken from its log.
+    """
+    server_workspace = Path(server_workspace)
+    rounds_file = server_workspace / "app_server" / "lcfed_rounds.json"
+    sites, needed = job["sites"], job.get("min_clients") or len(job["sites"])
+    try:
+        if status == "FINISHED:COMPLETED":
+            return check_rounds(rounds_file, job["rounds"], sites, needed)
+        if status == "FINISHED:ABNORMAL" and needed < len(sites):
+            record = check_rounds(rounds_file, job["rounds"], sites, needed)
+            dropped = {s: [r["round"] for r in record["rounds"] if s not in r["sites"]] for s in sites}
+            dropped = {s: rs for s, rs in dropped.items() if rs}
+            show(f"job ended {status}: site(s) dropped out, missing from rounds {dropped}; every round had >= {needed}")
+            return record
+        raise RunFailed(f"job ended {status}")
+    except RunFailed as e:
+        reason = failure_reason(server_workspace / "log.txt")
+        why = f"; server: {reason}" if reason else ""
+        raise RunFailed(f"{e}{why} (server log: {server_workspace / 'log.txt'})") from None
 
 
-def prepare_workspace(workspace: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to mix two runs in one workspace; with ``overwrite`` remove the previous run's entries."""
+_FAILURE = re.compile(r"Exception in \S+ run: (.*)$|(?:RuntimeError|ValueError|DataError|ContractViolation): (.*)$")
+
+
+def failure_reason(log_file: str | os.PathLike) -> str | None:
+    """The first error a FLARE job log gives as the reason the run stopped (None if there is none)."""
+    try:
+        text = Path(log_file).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        m = _FAILURE.search(line)
+        if m:
+            return (m.group(1) or m.group(2)).strip()
+    return None
+
+
+RUN_ENTRIES = ("job", "simulator", "results", "simulator.log", "simulator.json", "models")
+
+
+def prepare_workspace(workspace: str | os.PathLike, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to mix two runs in one workspace; with ``overwrite`` remove the previous run's entries.
+
+    ``resume`` keeps the previous run's models and state (``models/``) and replaces the rest.
+    """
     import shutil
 
     workspace = Path(workspace)
-    present = [workspace / e for e in RUN_ENTRIES if (workspace / e).exists()]
+    if resume:
+        if not (workspace / "models").is_dir():
+            raise FileNotFoundError(f"nothing to resume in {workspace} (no models/ folder)")
+        overwrite = True
+    present = [workspace / e for e in RUN_ENTRIES if (workspace / e).exists() and not (resume and e == "models")]
     if present and not overwrite:
         raise FileExistsError(
             f"{workspace} already holds a run ({', '.join(p.name for p in present)}); "
@@ -115,7 +175,12 @@ def job_folder_info(job_dir: str | os.PathLike) -> dict[str, Any]:
     job_dir = Path(job_dir)
     workflow = json.loads((job_dir / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0]["args"]
     name = json.loads((job_dir / "meta.json").read_text())["name"]
-    return {"name": name, "sites": list(workflow["sites"]), "rounds": int(workflow["num_rounds"])}
+    return {
+        "name": name,
+        "sites": list(workflow["sites"]),
+        "rounds": int(workflow["num_rounds"]),
+        "min_clients": int(workflow.get("min_clients", 0)),
+    }
 
 
 def simulate_job_folder(
@@ -149,7 +214,9 @@ def simulate_job_folder(
         str(parallel),
     ]
     env = dict(os.environ)
-    env["LCFED_DATA_ROOT"] = str(Path(data_dir).resolve())
+    env[DATA_ROOT_ENV] = str(Path(data_dir).resolve())
+    # models and run state beside the simulator's workspace, which FLARE wipes at every start
+    env[MODELS_ROOT_ENV] = str(workspace / "models")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     show(
         f"running {job['name']} in the FLARE simulator: {len(job['sites'])} sites, {job['rounds']} rounds, "
@@ -158,8 +225,19 @@ def simulate_job_folder(
     t0 = time.perf_counter()
     rc = _stream(cmd, env, workspace / "simulator.log", verbose, show)
     if rc != 0:
-        raise RunFailed(f"the FLARE simulator exited with code {rc}; see {workspace / 'simulator.log'}")
-    check_rounds(sim_ws / "server" / "simulate_job" / "app_server" / "lcfed_rounds.json", job["rounds"], job["sites"])
+        reason = failure_reason(workspace / "simulator.log")
+        raise RunFailed(
+            f"the FLARE simulator exited with code {rc}{': ' + reason if reason else ''}; "
+            f"see {workspace / 'simulator.log'}"
+        )
+    try:
+        check_rounds(
+            sim_ws / "server" / "simulate_job" / "app_server" / "lcfed_rounds.json", job["rounds"], job["sites"]
+        )
+    except RunFailed as e:
+        reason = failure_reason(workspace / "simulator.log")
+        why = f"; the first error: {reason}" if reason else ""
+        raise RunFailed(f"{e}{why}; see {workspace / 'simulator.log'}") from None
     show(f"simulation finished in {time.perf_counter() - t0:.0f} s")
     return sim_ws
 
@@ -201,6 +279,7 @@ def run_and_report(
     verbose: bool = False,
     show: Callable[[str], None] = print,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``algo`` on every site of ``data_dir`` in the simulator and write ``workspace/results``.
 
@@ -211,7 +290,7 @@ def run_and_report(
     from .reports import results_table
 
     info = load_dataset_info(data_dir)
-    prepare_workspace(workspace, overwrite)
+    prepare_workspace(workspace, overwrite, resume)
     spec = JobSpec(
         algorithm=algo,
         sites=list(info.sites),
@@ -219,9 +298,11 @@ def run_and_report(
         options=dict(options or {}),
         in_channels=info.channels,
         n_classes=info.n_classes,
+        resume=resume,
     )
     sim_ws = run_simulator(spec, data_dir, workspace, parallel, verbose, show)
-    evaluation = evaluate_checkpoints(data_dir, simulator_checkpoints(sim_ws, spec.sites, spec.job_name))
+    models = Path(workspace).resolve() / "models"
+    evaluation = evaluate_checkpoints(data_dir, simulator_checkpoints(models, spec.sites, spec.job_name))
     results = write_results(Path(workspace) / "results", evaluation, title=f"{algo} on {info.name}")
     show(f"\nTest metrics of each site's personalized model ({algo}, {info.name}):\n")
     show(results_table(results))

@@ -34,6 +34,9 @@ class SiteListFedAvg(FedAvg):
         sites: the job's ordered site list.
         min_clients: results a round needs (0: every listed site).
         wait_time_after_min_received: seconds a round waits for the other sites once ``min_clients`` answered.
+        round_timeout: seconds after which a round stops waiting (0: forever). A site that died without
+            FLARE noticing would otherwise hold the round open; the aggregator then fails the run when
+            fewer than ``min_clients`` results came in.
         final_validation: send the final ``validate`` task.
         *args, **kwargs: as ``FedAvg``.
     """
@@ -47,12 +50,14 @@ class SiteListFedAvg(FedAvg):
         sites: list[str] | None = None,
         min_clients: int = 0,
         wait_time_after_min_received: int = 10,
+        round_timeout: int = 3600,
         final_validation: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.sites = sites
         self.min_clients = min_clients
+        self.round_timeout = round_timeout
         self.wait_time_after_min_received = wait_time_after_min_received
         self.final_validation = final_validation
         self._final_model: FLModel | None = None
@@ -92,6 +97,7 @@ class SiteListFedAvg(FedAvg):
         needed = self._required(n_targets)
         if min_responses is None and needed < n_targets:
             min_responses = needed
+        timeout = timeout or self.round_timeout
         self.broadcast_model(
             task_name=task_name,
             data=data,
@@ -146,6 +152,7 @@ class SiteListFedAvg(FedAvg):
             data=self._final_model,
             targets=targets,
             min_responses=needed if needed < len(targets) else None,
+            timeout=self.round_timeout,
         )
         scores = {}
         for r in results:

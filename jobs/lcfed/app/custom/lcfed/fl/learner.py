@@ -209,9 +209,11 @@ class LCFedLearner(Learner):
         outgoing = trainer.outgoing()
         if base is not None:
             # differences, so FLARE's diff-based privacy filters (PercentilePrivacy, SVTPrivacy) apply
-            diffs = {k: v - base[k] for k, v in outgoing.items()}
-            return DXO(data_kind=DataKind.WEIGHT_DIFF, data=diffs, meta=meta).to_shareable()
-        return DXO(data_kind=DataKind.WEIGHTS, data=outgoing, meta=meta).to_shareable()
+            outgoing = {k: v - base[k] for k, v in outgoing.items()}
+        kind = DataKind.WEIGHT_DIFF if base is not None else DataKind.WEIGHTS
+        reply = DXO(data_kind=kind, data=outgoing, meta=meta).to_shareable()
+        reply.set_header(AppConstants.CURRENT_ROUND, round_idx)  # lets the outgoing audit name the round
+        return reply
 
     def _difference_base(self, received: dict[str, Any]) -> dict[str, np.ndarray]:
         """What the server adds a difference to: the global it sent, and this site's banked (or initial) head."""

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from nvflare.apis.dxo import from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
@@ -22,6 +23,15 @@ from ..data.layout import write_json_atomic
 __all__ = ["TrafficMeter", "TRAFFIC_FILE"]
 
 TRAFFIC_FILE = "lcfed_traffic.json"
+
+
+def _keys_of(shareable: Shareable) -> list[str]:
+    """The parameter names a result carries (what arrived, for the privacy tests and for IT audits)."""
+    try:
+        data = from_shareable(shareable).data
+    except ValueError:
+        return []
+    return sorted(data) if isinstance(data, dict) else []
 
 
 class TrafficMeter(Filter):
@@ -51,6 +61,9 @@ class TrafficMeter(Filter):
         path = app_dir / TRAFFIC_FILE
         with self._lock:
             record = json.loads(path.read_text()) if path.is_file() else {"to_site": [], "from_site": []}
-            record[self.direction].append({"site": site, "task": task, "bytes": size, "time": time.time()})
+            entry = {"site": site, "task": task, "bytes": size, "time": time.time()}
+            if self.direction == "from_site":
+                entry["keys"] = _keys_of(shareable)
+            record[self.direction].append(entry)
             write_json_atomic(path, record)
         return shareable
