@@ -192,6 +192,7 @@ def write_outputs(
         "mean HD95",
         "mean ASSD",
         "kB sent/round/site",
+        "kB received/round/site",
         "s/round",
     ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -207,7 +208,11 @@ def write_outputs(
                 _pm(e["mean"]["hd95"], 2),
                 _pm(e["mean"]["assd"], 2),
             ]
-            row += [f"{e['bytes_sent_per_round'] / 1e3:.1f}", f"{e['round_time']:.1f}"]
+            row += [
+                f"{e['bytes_sent_per_round'] / 1e3:.1f}",
+                f"{e['bytes_received_per_round'] / 1e3:.1f}",
+                f"{e['round_time']:.1f}",
+            ]
             lines.append("| " + " | ".join(row) + " |")
             for s in [*sites, "mean"]:
                 src = e["mean"] if s == "mean" else e["sites"][s]
@@ -224,6 +229,11 @@ def write_outputs(
             f"{c['n_cases']} test cases (Dice averaged over seeds): p = {c['wilcoxon_p']:.3g}; bytes sent per round "
             f"{c['bytes_ratio']:.4f}x the baseline's.",
         ]
+    lcfed_variants = [a for a in algos if a.startswith("lcfed")]
+    if "fedavg" in summary and lcfed_variants:
+        base = max(summary["fedavg"]["bytes_sent_per_round"], 1.0)
+        ratios = ", ".join(f"{a} {summary[a]['bytes_sent_per_round'] / base - 1:+.2%}" for a in lcfed_variants)
+        lines += ["", f"Bytes sent per site and round, measured on the wire, against FedAvg: {ratios}."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     _plots(out, runs, summary, sites)
 
