@@ -41,7 +41,7 @@ def _quiet(_: str) -> None:
 
 
 def test_job_folder_runs_in_the_simulator(job4, data4, tmp_path):
-    assert job_folder_info(job4) == {"name": "lcfed-tiny", "sites": SITES, "rounds": 2}
+    assert job_folder_info(job4) == {"name": "lcfed-tiny", "sites": SITES, "rounds": 2, "min_clients": 4}
     simulate_job_folder(job4, data4, tmp_path, show=_quiet)
     for s in SITES:
         assert (tmp_path / "models" / s / "lcfed-tiny" / "best.pt").is_file()

@@ -171,15 +171,16 @@ def prepare_workspace(workspace: str | os.PathLike, overwrite: bool, resume: boo
 
 
 def job_folder_info(job_dir: str | os.PathLike) -> dict[str, Any]:
-    """Name, site list and number of rounds of an exported job folder."""
+    """Name, site list, number of rounds and the sites a round needs (``min_clients``) of an exported job."""
     job_dir = Path(job_dir)
     workflow = json.loads((job_dir / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0]["args"]
     name = json.loads((job_dir / "meta.json").read_text())["name"]
+    sites = list(workflow["sites"])
     return {
         "name": name,
-        "sites": list(workflow["sites"]),
+        "sites": sites,
         "rounds": int(workflow["num_rounds"]),
-        "min_clients": int(workflow.get("min_clients", 0)),
+        "min_clients": int(workflow.get("min_clients") or 0) or len(sites),  # 0 in a job means every site
     }
 
 
