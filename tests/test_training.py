@@ -258,3 +258,15 @@ def test_same_seed_same_result(tiny_data):
         runs.append(t.outgoing())
     for k in runs[0]:
         assert np.array_equal(runs[0][k], runs[1][k]), k
+
+
+def test_mixed_precision_is_chosen_for_cuda_only(monkeypatch):
+    from lcfed.algorithms.base import Precision
+
+    cpu = Precision(torch.device("cpu"))
+    assert not cpu.enabled and cpu.dtype is None and not cpu.scaler.is_enabled()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert Precision(torch.device("cuda")).dtype == torch.bfloat16  # bf16: no loss scaling needed
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert Precision(torch.device("cuda")).dtype == torch.float16  # fp16: with a GradScaler on a real GPU
+    assert not Precision(torch.device("cuda"), enabled=False).enabled  # the config's amp=False wins
