@@ -260,3 +260,11 @@ def test_a_failed_job_reports_the_servers_reason(tmp_path):
     (ws / "app_server" / "lcfed_rounds.json").write_text(json.dumps({"rounds": rounds}))
     record = judge_job("FINISHED:ABNORMAL", ws, {**job, "min_clients": 2}, print)
     assert len(record["rounds"]) == 2
+    # a dead site's half-sent result can make FLARE say EXECUTION_EXCEPTION: the round record decides
+    assert judge_job("FINISHED:EXECUTION_EXCEPTION", ws, {**job, "min_clients": 2}, print) == record
+    with pytest.raises(RunFailed, match="EXECUTION_EXCEPTION"):  # ... but never for a job that needs every site
+        judge_job("FINISHED:EXECUTION_EXCEPTION", ws, job, print)
+    full = [{"round": r, "sites": job["sites"]} for r in range(2)]
+    (ws / "app_server" / "lcfed_rounds.json").write_text(json.dumps({"rounds": full}))
+    with pytest.raises(RunFailed, match="no site dropped out"):  # nobody dropped: a real failure
+        judge_job("FINISHED:EXECUTION_EXCEPTION", ws, {**job, "min_clients": 2}, print)

@@ -105,9 +105,10 @@ def judge_job(
     """Decide whether a finished job trained what it should; raise :class:`RunFailed` if not.
 
     ``server_workspace`` is the server's downloaded job workspace (``app_server/lcfed_rounds.json`` and
-    ``log.txt``). ``FINISHED:COMPLETED`` with every round aggregated passes. ``FINISHED:ABNORMAL`` (a site
-    dropped out) passes only for a job whose ``min_clients`` is below its number of sites, when every round
-    still aggregated at least ``min_clients`` sites; the sites that dropped out are reported. A failure
+    ``log.txt``). ``FINISHED:COMPLETED`` with every round aggregated passes. ``FINISHED:ABNORMAL`` or
+    ``FINISHED:EXECUTION_EXCEPTION`` after a site dropped out passes only for a job whose ``min_clients`` is
+    below its number of sites, when every round still aggregated at least ``min_clients`` sites; the sites
+    that dropped out are reported. A failure
     carries the server's own reason, taken from its log.
     """
     server_workspace = Path(server_workspace)
@@ -116,11 +117,19 @@ def judge_job(
     try:
         if status == "FINISHED:COMPLETED":
             return check_rounds(rounds_file, job["rounds"], sites, needed)
-        if status == "FINISHED:ABNORMAL" and needed < len(sites):
+        if status in ("FINISHED:ABNORMAL", "FINISHED:EXECUTION_EXCEPTION") and needed < len(sites):
+            # a site that died mid-run can leave FLARE with a half-received result at shutdown, which it
+            # reports as either status; the server's round record decides whether the training happened
             record = check_rounds(rounds_file, job["rounds"], sites, needed)
             dropped = {s: [r["round"] for r in record["rounds"] if s not in r["sites"]] for s in sites}
             dropped = {s: rs for s, rs in dropped.items() if rs}
-            show(f"job ended {status}: site(s) dropped out, missing from rounds {dropped}; every round had >= {needed}")
+            if not dropped:
+                raise RunFailed(f"job ended {status} although no site dropped out")
+            reason = failure_reason(server_workspace / "log.txt")
+            show(
+                f"job ended {status}: site(s) dropped out, missing from rounds {dropped}; every round had "
+                f">= {needed}{'; server: ' + reason if reason else ''}"
+            )
             return record
         raise RunFailed(f"job ended {status}")
     except RunFailed as e:
