@@ -125,16 +125,14 @@ def judge_job(
             dropped = {s: rs for s, rs in dropped.items() if rs}
             if not dropped:
                 raise RunFailed(f"job ended {status} although no site dropped out")
-            reason = failure_reason(server_workspace / "log.txt")
             show(
                 f"job ended {status}: site(s) dropped out, missing from rounds {dropped}; every round had "
-                f">= {needed}{'; server: ' + reason if reason else ''}"
+                f">= {needed}{_reason(server_workspace / 'log.txt', '; server: ')}"
             )
             return record
         raise RunFailed(f"job ended {status}")
     except RunFailed as e:
-        reason = failure_reason(server_workspace / "log.txt")
-        why = f"; server: {reason}" if reason else ""
+        why = _reason(server_workspace / "log.txt", "; server: ")
         raise RunFailed(f"{e}{why} (server log: {server_workspace / 'log.txt'})") from None
 
 
@@ -152,6 +150,12 @@ def failure_reason(log_file: str | os.PathLike) -> str | None:
         if m:
             return (m.group(1) or m.group(2)).strip()
     return None
+
+
+def _reason(log_file: str | os.PathLike, prefix: str) -> str:
+    """``prefix`` + the log's failure reason, or "" when the log gives none."""
+    reason = failure_reason(log_file)
+    return f"{prefix}{reason}" if reason else ""
 
 
 RUN_ENTRIES = ("job", "simulator", "results", "simulator.log", "simulator.json", "models")
@@ -235,9 +239,8 @@ def simulate_job_folder(
     t0 = time.perf_counter()
     rc = _stream(cmd, env, workspace / "simulator.log", verbose, show)
     if rc != 0:
-        reason = failure_reason(workspace / "simulator.log")
         raise RunFailed(
-            f"the FLARE simulator exited with code {rc}{': ' + reason if reason else ''}; "
+            f"the FLARE simulator exited with code {rc}{_reason(workspace / 'simulator.log', ': ')}; "
             f"see {workspace / 'simulator.log'}"
         )
     try:
@@ -245,8 +248,7 @@ def simulate_job_folder(
             sim_ws / "server" / "simulate_job" / "app_server" / "lcfed_rounds.json", job["rounds"], job["sites"]
         )
     except RunFailed as e:
-        reason = failure_reason(workspace / "simulator.log")
-        why = f"; the first error: {reason}" if reason else ""
+        why = _reason(workspace / "simulator.log", "; the first error: ")
         raise RunFailed(f"{e}{why}; see {workspace / 'simulator.log'}") from None
     show(f"simulation finished in {time.perf_counter() - t0:.0f} s")
     return sim_ws
