@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from lcfed.bench import compare, summarize, write_outputs
+from lcfed.bench import compare, per_seed, summarize, write_outputs
 
 SITES = ["site-a", "site-b"]
 METRICS = ("dice", "iou", "hd95", "assd")
@@ -77,3 +77,39 @@ def test_outputs_hold_the_table_the_csv_and_the_plots(runs, tmp_path):
     assert float(dice[0]["mean"]) == pytest.approx(summary["fedavg"]["mean"]["dice"]["mean"], abs=1e-6)
     assert json.loads((tmp_path / "results.json").read_text())["comparison"]["best_baseline"] == "fedavg"
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def _history(vals: list[float]) -> list[dict]:
+    return [{"round": k, "val_dice": v} for k, v in enumerate(vals)]
+
+
+def test_per_seed_finds_the_first_round_the_mean_validation_dice_reaches_the_threshold(runs, tmp_path):
+    r = runs[0]
+    r["histories"] = {"site-a": _history([0.6, 0.85, 0.9]), "site-b": _history([0.6, 0.7, 0.8])}
+    r["sites"]["site-a"]["best_round"] = 2
+    r["sites"]["site-b"]["best_round"] = 1
+    stuck = runs[1]
+    stuck["histories"] = {"site-a": _history([0.6, 0.65, 0.7]), "site-b": _history([0.6, 0.7, 0.79])}
+    rows = {(x["algo"], x["seed"]): x for x in per_seed(runs)}
+    assert rows[(r["algo"], 0)]["rounds_to_threshold"] == 3  # mean 0.6, 0.775, 0.85: 1-based round 3
+    assert rows[(r["algo"], 0)]["best_rounds"] == [3, 2]
+    assert rows[(stuck["algo"], 0)]["rounds_to_threshold"] is None
+    assert rows[(r["algo"], 0)]["dice"] == pytest.approx(r["mean"]["dice"])
+    summary = summarize(runs)
+    write_outputs(tmp_path, runs, summary, compare(runs, summary), "cmd")
+    table = (tmp_path / "table.md").read_text()
+    assert f"| fedavg | {r['mean']['dice']:.3f} / 3 / 3,2 |" in table
+    assert f"| local | {stuck['mean']['dice']:.3f} / - / " in table
+    saved = json.loads((tmp_path / "results.json").read_text())["per_seed"]
+    assert {(x["algo"], x["seed"]): x["rounds_to_threshold"] for x in saved}[("fedavg", 0)] == 3
+
+
+def test_per_seed_measures_staged_hc_within_the_run(runs):
+    r = runs[2]
+    net = [{"round": k, "val_dice": 0.7} for k in range(3)]
+    hc = [{"round": 3, "val_dice": 0.8, "hc_dice_loss": 0.2}, {"round": 4, "val_dice": 0.9, "hc_dice_loss": 0.1}]
+    r["histories"] = {"site-a": net + hc, "site-b": net + hc}
+    rows = per_seed(runs)
+    row = next(x for x in rows if (x["algo"], x["seed"]) == (r["algo"], r["seed"]))
+    assert row["hc_val_dice"] == pytest.approx((0.7, 0.9))
+    assert all(x["hc_val_dice"] is None for x in rows if x is not row)

@@ -27,7 +27,7 @@ from .algorithms import BASELINES, get_algorithm
 from .data.layout import load_dataset_info, write_json_atomic
 from .metrics import METRIC_NAMES
 
-__all__ = ["run_benchmark", "summarize", "compare", "write_outputs"]
+__all__ = ["run_benchmark", "summarize", "compare", "per_seed", "write_outputs"]
 
 
 def _traffic(sim_ws: Path) -> dict[str, Any]:
@@ -164,6 +164,49 @@ def compare(runs: Sequence[dict[str, Any]], summary: dict[str, Any], lcfed: str 
     }
 
 
+def per_seed(runs: Sequence[dict[str, Any]], threshold: float = 0.8) -> list[dict[str, Any]]:
+    """Per run: mean test Dice, how soon it trained (rounds are 1-based) and what staged HC added.
+
+    ``rounds_to_threshold`` is the first round whose validation Dice, averaged over the sites, reaches
+    ``threshold`` (None: never). A run that sits long on a plateau shows here before it shows in a mean.
+    ``hc_val_dice`` is (before, after): the mean validation Dice before the first HC-only round and after
+    the last (None for runs without HC-only rounds).
+    """
+    rows = []
+    for r in runs:
+        histories = [h for h in r.get("histories", {}).values() if h]
+        n_rounds = min((len(h) for h in histories), default=0)
+        first = None
+        for k in range(n_rounds):
+            vals = [h[k].get("val_dice") for h in histories]
+            if all(v is not None for v in vals) and float(np.mean(vals)) >= threshold:
+                first = k + 1
+                break
+        best = [m.get("best_round") for m in r["sites"].values() if m.get("best_round") is not None]
+        # staged HC: rounds that trained HC alone log "hc_dice_loss"; the network is frozen in them, so the
+        # validation Dice before the first and after the last is HC's own effect within the run
+        hc_rounds = [k for k in range(n_rounds) if all("hc_dice_loss" in h[k] for h in histories)]
+        hc = None
+        if hc_rounds and hc_rounds[0] > 0 and hc_rounds == list(range(hc_rounds[0], n_rounds)):
+            before = [h[hc_rounds[0] - 1].get("val_dice") for h in histories]
+            after = [h[n_rounds - 1].get("val_dice") for h in histories]
+            if all(v is not None for v in before + after):
+                hc = (float(np.mean(before)), float(np.mean(after)))
+        rows.append(
+            {
+                "algo": r["algo"],
+                "seed": r["seed"],
+                "dice": float(r["mean"]["dice"]),
+                "rounds": n_rounds,
+                "rounds_to_threshold": first,
+                "threshold": threshold,
+                "best_rounds": [int(b) + 1 for b in best],
+                "hc_val_dice": hc,
+            }
+        )
+    return rows
+
+
 def _pm(entry: dict[str, float], digits: int) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
@@ -173,7 +216,8 @@ def write_outputs(
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
-        out / "results.json", {"command": command, "summary": summary, "comparison": comparison, "runs": runs}
+        out / "results.json",
+        {"command": command, "summary": summary, "comparison": comparison, "per_seed": per_seed(runs), "runs": runs},
     )
     algos = list(summary)
     sites = list(next(iter(summary.values()))["sites"])
@@ -234,6 +278,34 @@ def write_outputs(
         base = max(summary["fedavg"]["bytes_sent_per_round"], 1.0)
         ratios = ", ".join(f"{a} {summary[a]['bytes_sent_per_round'] / base - 1:+.2%}" for a in lcfed_variants)
         lines += ["", f"Bytes sent per site and round, measured on the wire, against FedAvg: {ratios}."]
+    seeds = per_seed(runs)
+    if seeds and any(r["rounds"] for r in seeds):
+        lines += [
+            "",
+            f"Per seed: mean test Dice / first round whose mean validation Dice reached {seeds[0]['threshold']:.2f}"
+            " (- never) / rounds the sites' checkpoints were chosen from.",
+            "",
+            "| algorithm | " + " | ".join(f"seed {k}" for k in summary[algos[0]]["seeds"]) + " |",
+            "|---|" + "---|" * len(summary[algos[0]]["seeds"]),
+        ]
+        for a in algos:
+            cells = []
+            for k in summary[a]["seeds"]:
+                row = next(r for r in seeds if r["algo"] == a and r["seed"] == k)
+                first = "-" if row["rounds_to_threshold"] is None else str(row["rounds_to_threshold"])
+                best = ",".join(str(b) for b in row["best_rounds"])
+                cells.append(f"{row['dice']:.3f} / {first} / {best}")
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        staged = [r for r in seeds if r["hc_val_dice"] is not None]
+        if staged:
+            effect = "; ".join(
+                f"{r['algo']} seed {r['seed']} {r['hc_val_dice'][0]:.3f} -> {r['hc_val_dice'][1]:.3f}" for r in staged
+            )
+            lines += [
+                "",
+                "Staged HC within each run (network frozen in the HC rounds), mean validation Dice before the first"
+                f" HC round -> after the last: {effect}.",
+            ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     _plots(out, runs, summary, sites)
 
