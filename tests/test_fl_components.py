@@ -192,6 +192,15 @@ def test_learner_checks_the_model_against_the_site_data(tiny_data, tmp_path, mon
         lrn.initialize({}, _FakeCtx(tmp_path, "site-a"))
 
 
+def test_every_algorithm_has_a_committed_job():
+    from lcfed.algorithms import ALGORITHMS
+    from lcfed.jobs import COMMITTED_JOBS
+
+    assert sorted(COMMITTED_JOBS) == sorted(ALGORITHMS)
+    committed = sorted(p.parent.name for p in (REPO / "jobs").glob("*/meta.json"))
+    assert committed == sorted(COMMITTED_JOBS), "run: python -m lcfed job export-committed"
+
+
 def test_committed_jobs_equal_a_fresh_export(tmp_path):
     export_committed_jobs(tmp_path)
     for job in tmp_path.iterdir():

@@ -208,8 +208,23 @@ def export_job(spec: JobSpec, out_dir: str | Path) -> Path:
     return out_dir / spec.job_name
 
 
-# the job folders committed under jobs/: the embedded 4-site demo set, demo preset
-COMMITTED_JOBS = ("lcfed",)
+# the job folders committed under jobs/: one per algorithm (LC-Fed, its variants, every baseline), for the
+# embedded 4-site demo set at the demo preset
+# (a test keeps this list equal to the algorithm registry)
+COMMITTED_JOBS = (
+    "lcfed",
+    "lcfed-joint",
+    "lcfed-no-pcs",
+    "lcfed-no-contrastive",
+    "lcfed-no-hc",
+    "local",
+    "fedavg",
+    "fedavg-ft",
+    "fedprox",
+    "fedbn",
+    "fedrep",
+    "ditto",
+)
 
 
 def export_committed_jobs(out_dir: str | Path) -> list[Path]:
