@@ -36,6 +36,38 @@ def test_instance_norm_holds_no_parameters():
     assert any(k.endswith(".norm.running_mean") for k in bn.state_dict())
 
 
+@pytest.mark.parametrize("other", ["lcfed-no-pcs", "lcfed-no-hc", "fedavg", "fedbn", "fedrep", "ditto", "local"])
+def test_same_seed_same_initial_body_for_every_algorithm(other):
+    """A paired benchmark: at one seed every algorithm starts from the same U-Net body and head."""
+    from lcfed.algorithms import ModelSpec
+    from lcfed.trainer import seed_everything
+
+    spec = ModelSpec(in_channels=1, n_classes=2, n_sites=3, width=4)
+    seed_everything(5)
+    ref = get_algorithm("lcfed").build_model(spec).state_dict()
+    seed_everything(5)
+    torch.rand(7)  # RNG draws before the build change nothing either
+    sd = get_algorithm(other).build_model(spec).state_dict()
+    sd = {k.removeprefix("global_net."): v for k, v in sd.items() if not k.startswith("personal_net.")}
+    body = [k for k in ref if k.startswith(("encoder.", "decoder.", "head.")) and k in sd]
+    assert len([k for k in body if k.endswith(".weight")]) >= 20
+    assert all(torch.equal(ref[k], sd[k]) for k in body)
+    seed_everything(6)
+    other_seed = get_algorithm("lcfed").build_model(spec).state_dict()
+    first = "encoder.blocks.0.convs.0.conv.weight"
+    assert not torch.equal(other_seed[first], ref[first])
+
+
+def test_kaiming_init_scale():
+    from lcfed.networks.unet import kaiming_init
+
+    conv = torch.nn.Conv2d(64, 128, 3)
+    kaiming_init(conv, seed=0)
+    fan_in = 64 * 9
+    assert abs(conv.weight.std().item() - (2.0 / fan_in) ** 0.5) < 0.02 * (2.0 / fan_in) ** 0.5
+    assert torch.count_nonzero(conv.bias) == 0
+
+
 def test_pcs_soft_gate_formula():
     torch.manual_seed(0)
     pcs = PersonalizedChannelSelection(channels=32, n_sites=3, reduction=16)
