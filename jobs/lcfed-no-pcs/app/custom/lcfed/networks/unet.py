@@ -7,6 +7,7 @@ parameters); ``norm="batch"`` gives the BatchNorm variant that FedBN needs.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 import torch
@@ -130,10 +131,29 @@ class UNetDecoder(nn.Module):
         return x
 
 
-def kaiming_init(module: nn.Module) -> None:
-    """Kaiming-normal init (PyTorch's default fan-in mode) for conv weights, zero biases (method.md section 2)."""
-    for m in module.modules():
+def _name_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from the run's seed and a parameter's qualified name (stable across processes)."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def kaiming_init(module: nn.Module, seed: int | None = None) -> None:
+    """Kaiming-normal init (fan-in mode) for conv weights, zero biases (method.md section 2).
+
+    Each conv weight is drawn from its own generator, seeded by ``seed`` (default: the seed torch was last
+    seeded with, ``torch.initial_seed()``) and the weight's qualified name. So the initial weights do not
+    depend on which other modules exist or in which order they were built: at one seed, every algorithm
+    starts from the same U-Net body and head (a paired comparison), and an ablation that drops PCS or HC
+    changes nothing else.
+    """
+    base = torch.initial_seed() if seed is None else int(seed)
+    for name, m in module.named_modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            key = f"{name}.weight" if name else "weight"
+            generator = torch.Generator(device="cpu").manual_seed(_name_seed(base, key))
+            weight = torch.empty(m.weight.shape, dtype=m.weight.dtype, device="cpu")
+            nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu", generator=generator)
+            with torch.no_grad():
+                m.weight.copy_(weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
