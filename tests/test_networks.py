@@ -144,6 +144,7 @@ def test_contrastive_value_is_minus_mean_mse_to_other_sites():
             {"head.weight", "head.bias"},
         ),
         ("fedavg", set(), set()),
+        ("fedavg-bn", set(), set()),
     ],
 )
 def test_personal_key_set(name, personal, banked):
@@ -156,3 +157,15 @@ def test_personal_key_set(name, personal, banked):
     assert set(algo.contract.banked_keys(keys)) == banked
     # PCS is shared (averaged), never personal
     assert all(algo.contract.is_shared(k) for k in keys if k.startswith("pcs."))
+
+
+def test_fedbn_keeps_batchnorm_at_the_site_and_fedavg_bn_averages_it():
+    from lcfed.algorithms import ModelSpec
+
+    for name, bn_personal in (("fedbn", True), ("fedavg-bn", False)):
+        algo = get_algorithm(name)
+        keys = list(algo.build_model(ModelSpec(1, 2, 3, 4)).state_dict())
+        norm = [k for k in keys if ".norm." in k]
+        assert any(k.endswith("running_var") for k in norm) and any(k.endswith(".norm.weight") for k in norm)
+        assert all(algo.contract.is_personal(k) == bn_personal for k in norm), name
+        assert all(algo.contract.is_shared(k) for k in keys if ".conv." in k), name

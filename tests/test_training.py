@@ -270,3 +270,24 @@ def test_mixed_precision_is_chosen_for_cuda_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert Precision(torch.device("cuda")).dtype == torch.float16  # fp16: with a GradScaler on a real GPU
     assert not Precision(torch.device("cuda"), enabled=False).enabled  # the config's amp=False wins
+
+
+def test_batchnorm_state_is_averaged_by_fedavg_bn_and_kept_per_site_by_fedbn(tiny_data):
+    cfg = make_config("tiny", iterations=2)
+    for name, same in (("fedavg-bn", True), ("fedbn", False)):
+        trainers = build_trainers(name, tiny_data, cfg, sites=["site-a", "site-b", "site-c"])
+        agg = HeadBankAggregation(trainers[0].contract, trainers[0].model_keys())
+        for t in trainers:
+            t.train_round(0)
+            agg.accept(t.site, t.outgoing())
+        merged = agg.result()
+        for t in trainers:
+            t.receive(merged, 1)
+        states = [t.model.state_dict() for t in trainers]
+        stats = [k for k in states[0] if k.endswith((".norm.running_mean", ".norm.weight"))]
+        assert len(stats) > 10
+        assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in stats) == same, name
+        assert any(k.endswith(".norm.running_mean") for k in merged) == same, name
+        # the convolutions are shared by both: equal after the server's average
+        convs = [k for k in states[0] if k.endswith(".conv.weight")]
+        assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in convs), name

@@ -221,6 +221,7 @@ COMMITTED_JOBS = (
     "fedavg",
     "fedavg-ft",
     "fedprox",
+    "fedavg-bn",
     "fedbn",
     "fedrep",
     "ditto",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import Algorithm, HeadBank, ModelSpec, Precision, SiteContext
-from .baselines import Ditto, FedAvgFT, FedBN, FedProx, Local
+from .baselines import Ditto, FedAvgBN, FedAvgFT, FedBN, FedProx, Local
 from .fedavg import FedAvg
 from .lcfed import HC_SCHEDULES, LCFed
 
@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_HC_SCHEDULE",
     "LCFED_VARIANTS",
     "Ditto",
+    "FedAvgBN",
     "FedAvgFT",
     "FedBN",
     "FedProx",
@@ -44,6 +45,7 @@ ALGORITHMS: dict[str, Callable[[], Algorithm]] = {
     "fedavg": FedAvg,
     "fedavg-ft": FedAvgFT,
     "fedprox": FedProx,
+    "fedavg-bn": FedAvgBN,
     "fedbn": FedBN,
     # FedRep = personal head + head-then-body alternation, no PCS, no HC
     "fedrep": lambda: LCFed(
@@ -51,7 +53,7 @@ ALGORITHMS: dict[str, Callable[[], Algorithm]] = {
     ),
     "ditto": Ditto,
 }
-BASELINES = ("local", "fedavg", "fedavg-ft", "fedprox", "fedbn", "fedrep", "ditto")
+BASELINES = ("local", "fedavg", "fedavg-ft", "fedprox", "fedavg-bn", "fedbn", "fedrep", "ditto")
 LCFED_VARIANTS = ("lcfed", "lcfed-joint", "lcfed-no-pcs", "lcfed-no-contrastive", "lcfed-no-hc")
 
 

@@ -91,6 +91,20 @@ class FedBN(FedAvg):
         super().__init__(norm="batch")
 
 
+class FedAvgBN(FedAvg):
+    """FedAvg on the BatchNorm U-Net, BatchNorm parameters and running statistics averaged like the rest.
+
+    FedBN's own baseline: against ``fedbn`` it separates what keeping BatchNorm at the site buys from
+    what BatchNorm itself buys over the InstanceNorm U-Net of ``fedavg``.
+    """
+
+    name = "fedavg-bn"
+    description = "FedAvg with BatchNorm (BatchNorm state averaged)"
+
+    def __init__(self):
+        super().__init__(norm="batch")
+
+
 class DittoNet(nn.Module):
     """Two plain U-Nets: ``global_net`` (shared, trained as FedAvg) and ``personal_net`` (never leaves)."""
 
