@@ -215,9 +215,10 @@ def write_outputs(
     out: Path, runs: list[dict[str, Any]], summary: dict[str, Any], comparison: dict[str, Any] | None, command: str
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    seeds = per_seed(runs)
     write_json_atomic(
         out / "results.json",
-        {"command": command, "summary": summary, "comparison": comparison, "per_seed": per_seed(runs), "runs": runs},
+        {"command": command, "summary": summary, "comparison": comparison, "per_seed": seeds, "runs": runs},
     )
     algos = list(summary)
     sites = list(next(iter(summary.values()))["sites"])
@@ -278,7 +279,6 @@ def write_outputs(
         base = max(summary["fedavg"]["bytes_sent_per_round"], 1.0)
         ratios = ", ".join(f"{a} {summary[a]['bytes_sent_per_round'] / base - 1:+.2%}" for a in lcfed_variants)
         lines += ["", f"Bytes sent per site and round, measured on the wire, against FedAvg: {ratios}."]
-    seeds = per_seed(runs)
     if seeds and any(r["rounds"] for r in seeds):
         lines += [
             "",
@@ -288,10 +288,11 @@ def write_outputs(
             "| algorithm | " + " | ".join(f"seed {k}" for k in summary[algos[0]]["seeds"]) + " |",
             "|---|" + "---|" * len(summary[algos[0]]["seeds"]),
         ]
+        by_run = {(r["algo"], r["seed"]): r for r in seeds}
         for a in algos:
             cells = []
             for k in summary[a]["seeds"]:
-                row = next(r for r in seeds if r["algo"] == a and r["seed"] == k)
+                row = by_run[(a, k)]
                 first = "-" if row["rounds_to_threshold"] is None else str(row["rounds_to_threshold"])
                 best = ",".join(str(b) for b in row["best_rounds"])
                 cells.append(f"{row['dice']:.3f} / {first} / {best}")
