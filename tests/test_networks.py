@@ -143,6 +143,12 @@ def test_contrastive_value_is_minus_mean_mse_to_other_sites():
             {"head.weight", "head.bias", "hc.trained", "hc.conv.weight", "hc.conv.bias"},
             {"head.weight", "head.bias"},
         ),
+        (
+            "lcfed-private-embedding",
+            {"head.weight", "head.bias", "hc.trained", "hc.conv.weight", "hc.conv.bias"}
+            | {"pcs.embed.0.weight", "pcs.embed.2.weight"},
+            {"head.weight", "head.bias"},
+        ),
         ("fedavg", set(), set()),
         ("fedavg-bn", set(), set()),
     ],
@@ -155,8 +161,11 @@ def test_personal_key_set(name, personal, banked):
     keys = list(model.state_dict())
     assert {k for k in keys if algo.contract.is_personal(k)} == personal
     assert set(algo.contract.banked_keys(keys)) == banked
-    # PCS is shared (averaged), never personal
-    assert all(algo.contract.is_shared(k) for k in keys if k.startswith("pcs."))
+    # PCS is shared (averaged) as method.md specifies; only the off-spec variant keeps its site embedding
+    pcs_shared = {k for k in keys if k.startswith("pcs.") and algo.contract.is_shared(k)}
+    pcs_private = {k for k in keys if k.startswith("pcs.") and algo.contract.is_private(k)}
+    assert pcs_shared | pcs_private == {k for k in keys if k.startswith("pcs.")}
+    assert pcs_private == ({"pcs.embed.0.weight", "pcs.embed.2.weight"} if name == "lcfed-private-embedding" else set())
 
 
 def test_fedbn_keeps_batchnorm_at_the_site_and_fedavg_bn_averages_it():

@@ -291,3 +291,26 @@ def test_batchnorm_state_is_averaged_by_fedavg_bn_and_kept_per_site_by_fedbn(tin
         # the convolutions are shared by both: equal after the server's average
         convs = [k for k in states[0] if k.endswith(".conv.weight")]
         assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in convs), name
+
+
+def test_private_embedding_variant_keeps_the_site_embedding_at_the_site_and_averages_the_rest_of_pcs(tiny_data):
+    cfg = make_config("tiny", iterations=3, personal_iterations=1, rounds=4)  # round 1 is a network round
+    for name, shared in (("lcfed", True), ("lcfed-private-embedding", False)):
+        trainers = build_trainers(name, tiny_data, cfg, sites=["site-a", "site-b", "site-c"])
+        agg = HeadBankAggregation(trainers[0].contract, trainers[0].model_keys())
+        for t in trainers:
+            t.train_round(0)
+            sent = t.outgoing()
+            assert any(k.startswith("pcs.mlp.") for k in sent), name
+            assert any(k.startswith("pcs.embed.") for k in sent) == shared, name
+            agg.accept(t.site, sent)
+        merged = agg.result()
+        for t in trainers:
+            t.receive(merged, 1)
+        states = [t.model.state_dict() for t in trainers]
+        mlp = [k for k in states[0] if k.startswith("pcs.mlp.")]
+        embed = [k for k in states[0] if k.startswith("pcs.embed.")]
+        assert mlp and embed
+        assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in mlp), name  # g averaged
+        # the embedding is averaged only where the method shares it; otherwise each site trained its own
+        assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in embed) == shared, name

@@ -217,6 +217,7 @@ COMMITTED_JOBS = (
     "lcfed-no-pcs",
     "lcfed-no-contrastive",
     "lcfed-no-hc",
+    "lcfed-private-embedding",
     "local",
     "fedavg",
     "fedavg-ft",

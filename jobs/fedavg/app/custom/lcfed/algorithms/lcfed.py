@@ -29,6 +29,11 @@ class LCFed(Algorithm):
         use_pcs: ablation switch for Personalized Channel Selection.
         use_contrastive: ablation switch for the contrastive site-embedding term.
         use_hc: ablation switch for Head Calibration (then the head is still banked but unused).
+        share_embedding: False keeps PCS's site embedding (W1, W2) at each site instead of averaging it.
+            This departs from method.md section 3 (all of PCS shared); it is the variant that brings the
+            bytes a site sends within 1% of FedAvg's, since W2 (C x C) is most of PCS. The shared MLP g
+            is still averaged. At site i the other sites' embeddings then come from its own copy, in
+            which only column i of W1 ever receives a gradient.
         name: registry name of this variant.
     """
 
@@ -38,6 +43,7 @@ class LCFed(Algorithm):
         use_pcs: bool = True,
         use_contrastive: bool = True,
         use_hc: bool = True,
+        share_embedding: bool = True,
         name: str = "lcfed",
         description: str = "",
     ):
@@ -47,19 +53,23 @@ class LCFed(Algorithm):
         self.use_pcs = use_pcs
         self.use_contrastive = use_contrastive and use_pcs
         self.use_hc = use_hc
+        self.share_embedding = share_embedding or not use_pcs
         self.name = name
         self.description = description or (
             f"LC-Fed, HC {hc_schedule}"
             + ("" if use_pcs else ", without PCS")
             + ("" if self.use_contrastive or not use_pcs else ", without contrastive term")
             + ("" if use_hc else ", without HC")
+            + ("" if self.share_embedding else ", site embedding kept at the site")
         )
+        # kept at the site, never sent: the site embedding when it is not shared
+        private = "" if self.share_embedding else r"|pcs\.embed"
         if use_hc:
             # head: personal and sent to the server for the head bank; hc: personal, never leaves the site
-            self.contract = KeyContract(personal=r"(head|hc)\.", banked=r"head\.")
+            self.contract = KeyContract(personal=rf"(head|hc{private})\.", banked=r"head\.")
         else:
             # without HC the other sites' heads are never used: nothing to bank (FedRep with PCS)
-            self.contract = KeyContract(personal=r"head\.")
+            self.contract = KeyContract(personal=rf"(head{private})\.")
 
     def hc_only(self, config: TrainConfig, round_idx: int) -> bool:
         """Staged schedule: from ``hc_start_round`` on the network is frozen and only HC learns."""

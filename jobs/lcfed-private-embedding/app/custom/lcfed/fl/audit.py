@@ -1,0 +1,123 @@
+"""What leaves a hospital, checked and written down at the hospital: the last filter on every result.
+
+``OutgoingAudit`` runs on the client after the job's other result filters (privacy filters included). It
+refuses any result that holds a parameter outside the algorithm's contract (shared keys and the site's
+own banked head) or a non-scalar metric, and appends one JSON line per result to
+``<site models folder>/<job name>/outgoing_audit.jsonl``: task, round, data kind, every tensor's name and
+shape, the metric names and values, and the serialized size. Hospital IT can read that file to see
+exactly what was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nvflare.apis.dxo import DataKind, MetaKey, from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.fuel.utils import fobs
+
+from ..contract import ContractViolation
+from .reference import reference_model
+from .site_config import models_root
+
+__all__ = ["OutgoingAudit", "AUDIT_FILE"]
+
+AUDIT_FILE = "outgoing_audit.jsonl"
+# the step count and training-sample count (for sample-weighted averaging), the metrics, and FLARE's own
+# list of the filters applied
+_ALLOWED_META = {MetaKey.NUM_STEPS_CURRENT_ROUND, MetaKey.INITIAL_METRICS, "n_train", MetaKey.FILTER_HISTORY}
+
+
+class OutgoingAudit(Filter):
+    """Check every outgoing result against the contract and log it at the site.
+
+    Args: the model arguments of the job (they fix the contract and the model's key set), and
+        run_name: the job name (names the site's models folder).
+    """
+
+    _always_serialize_args = ("algorithm", "sites", "preset", "options", "in_channels", "n_classes", "run_name")
+
+    def __init__(
+        self,
+        algorithm: str = "lcfed",
+        sites: list[str] | None = None,
+        preset: str = "demo",
+        options: dict[str, Any] | None = None,
+        in_channels: int = 1,
+        n_classes: int = 1,
+        run_name: str = "lcfed",
+    ):
+        super().__init__()
+        self.algorithm = algorithm
+        self.sites = sites
+        self.preset = preset
+        self.options = options
+        self.in_channels = in_channels
+        self.n_classes = n_classes
+        self.run_name = run_name
+        algo, model, _ = reference_model(algorithm, sites, preset, options, in_channels, n_classes)
+        self.contract = algo.contract
+        self.model_keys = list(model.state_dict().keys())
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        site = fl_ctx.get_identity_name()
+        dxo = from_shareable(shareable)
+        record: dict[str, Any] = {
+            "time": time.time(),
+            "task": fl_ctx.get_prop(ReservedKey.TASK_NAME, "?"),
+            "round": _round_of(shareable, fl_ctx),
+            "data_kind": dxo.data_kind,
+            "bytes": len(fobs.dumps(shareable)),
+        }
+        if dxo.data_kind in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
+            # the contract's keys only; shared keys may be missing when a privacy filter removed them
+            self.contract.check_outgoing(dxo.data.keys(), self.model_keys, site, allow_missing_shared=True)
+            record["tensors"] = {k: list(np.shape(v)) for k, v in dxo.data.items()}
+            record["n_values"] = int(sum(np.size(v) for v in dxo.data.values()))
+            metrics = dxo.meta.get(MetaKey.INITIAL_METRICS) or {}
+        elif dxo.data_kind == DataKind.METRICS:
+            record["tensors"] = {}
+            metrics = dxo.data
+        else:
+            raise ContractViolation(
+                f"site {site!r} would send data of kind {dxo.data_kind!r}, which LC-Fed never sends"
+            )
+        unexpected_meta = sorted(k for k in dxo.meta if k not in _ALLOWED_META and not k.startswith("__"))
+        if unexpected_meta:
+            raise ContractViolation(f"site {site!r} would send unexpected metadata {unexpected_meta}")
+        for name, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ContractViolation(f"site {site!r} would send a non-scalar metric {name!r}")
+        record["metrics"] = {k: float(v) for k, v in metrics.items()}
+        record["meta"] = {
+            k: (v if k == MetaKey.FILTER_HISTORY else float(v))
+            for k, v in dxo.meta.items()
+            if k != MetaKey.INITIAL_METRICS
+        }
+        path = models_root(site, fl_ctx.get_engine().get_workspace().get_root_dir()) / self.run_name / AUDIT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        return shareable
+
+
+def _round_of(shareable: Shareable, fl_ctx: FLContext) -> int | None:
+    """The round this result answers: the learner's round header, else the task's."""
+    round_idx = shareable.get_header(AppConstants.CURRENT_ROUND)
+    if round_idx is None:
+        task = fl_ctx.get_prop(FLContextKey.TASK_DATA)
+        round_idx = task.get_header(AppConstants.CURRENT_ROUND) if isinstance(task, Shareable) else None
+    return None if round_idx is None else int(round_idx)
+
+
+def read_audit(path: str | Path) -> list[dict[str, Any]]:
+    """The audit log as a list of records."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,27 @@
+"""Networks: U-Net body, PCS, Head Calibration."""
+
+from .calibration import (
+    HeadCalibration,
+    bank_predictions,
+    disagreement_map,
+    gaussian_1d,
+    gaussian_2d,
+    pick_peaks,
+    separable_gaussian_filter,
+)
+from .pcs import PersonalizedChannelSelection, contrastive_site_loss
+from .segnet import Features, LCFedUNet
+
+__all__ = [
+    "Features",
+    "HeadCalibration",
+    "LCFedUNet",
+    "PersonalizedChannelSelection",
+    "bank_predictions",
+    "contrastive_site_loss",
+    "disagreement_map",
+    "gaussian_1d",
+    "gaussian_2d",
+    "pick_peaks",
+    "separable_gaussian_filter",
+]
