@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--classes", type=int, default=2)
-    parser.add_argument("--algos", default="fedavg,fedrep,lcfed")
+    parser.add_argument("--algos", default="fedavg,fedrep,lcfed,lcfed-private-embedding")
     args = parser.parse_args()
 
     cfg = make_config(args.preset)
@@ -59,12 +59,12 @@ def main() -> None:
         f"{args.classes} class(es); serialized FLARE messages per site and round"
     )
     print(
-        f"  {'algorithm':10s} {'site->server':>14s} {'vs ' + rows[0][0]:>10s} {'server->site':>14s} "
+        f"  {'algorithm':23s} {'site->server':>14s} {'vs ' + rows[0][0]:>10s} {'server->site':>14s} "
         f"{'vs ' + rows[0][0]:>10s} {'values sent':>12s} {'of which PCS':>13s}"
     )
     for name, up, down, n_values, pcs in rows:
         print(
-            f"  {name:10s} {up / 1e3:11.1f} kB {up / base_up - 1:+10.2%} {down / 1e3:11.1f} kB "
+            f"  {name:23s} {up / 1e3:11.1f} kB {up / base_up - 1:+10.2%} {down / 1e3:11.1f} kB "
             f"{down / base_down - 1:+10.2%} {n_values:12d} {pcs:13d}"
         )
 
