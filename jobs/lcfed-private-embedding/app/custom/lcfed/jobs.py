@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .algorithms import BASELINES, LCFED_VARIANTS
 from .config import make_config
 
 __all__ = ["JobSpec", "build_job", "export_job", "DEMO_SITES", "COMMITTED_JOBS", "export_committed_jobs"]
@@ -209,24 +210,8 @@ def export_job(spec: JobSpec, out_dir: str | Path) -> Path:
 
 
 # the job folders committed under jobs/: one per algorithm (LC-Fed, its variants, every baseline), for the
-# embedded 4-site demo set at the demo preset
-# (a test keeps this list equal to the algorithm registry)
-COMMITTED_JOBS = (
-    "lcfed",
-    "lcfed-joint",
-    "lcfed-no-pcs",
-    "lcfed-no-contrastive",
-    "lcfed-no-hc",
-    "lcfed-private-embedding",
-    "local",
-    "fedavg",
-    "fedavg-ft",
-    "fedprox",
-    "fedavg-bn",
-    "fedbn",
-    "fedrep",
-    "ditto",
-)
+# embedded 4-site demo set at the demo preset (a test keeps this equal to the algorithm registry)
+COMMITTED_JOBS = LCFED_VARIANTS + BASELINES
 
 
 def export_committed_jobs(out_dir: str | Path) -> list[Path]:
