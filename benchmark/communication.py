@@ -4,7 +4,7 @@
 
 For each algorithm the site's outgoing message is built exactly as the learner builds it (the contract's
 shared keys plus the banked head, a WEIGHTS DXO as a FLARE Shareable) and serialized with FLARE's fobs,
-which is what :mod:`lcfed.fl.traffic` measures on a real run. The message back to a site is the shared
+which is what :mod:`lcfed.runtime.fl.traffic` measures on a real run. The message back to a site is the shared
 model plus the head bank (one head per site). ``lcfed bench`` measures the same on the wire at the demo
 preset; this script shows what the paper preset costs.
 """
@@ -26,10 +26,10 @@ def message_bytes(data: dict[str, np.ndarray]) -> int:
 
 
 def main() -> None:
-    from lcfed.algorithms import get_algorithm
-    from lcfed.algorithms.base import ModelSpec
-    from lcfed.config import make_config
-    from lcfed.contract import bank_key
+    from lcfed.runtime.algorithms import get_algorithm
+    from lcfed.runtime.algorithms.base import ModelSpec
+    from lcfed.runtime.config import make_config
+    from lcfed.runtime.contract import bank_key
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="paper")

@@ -3,7 +3,7 @@
     python benchmark/flare_overhead.py --data data/demo [--rounds 4] [--algo lcfed]
 
 Both runs use the same job settings (demo preset unless told otherwise), the same sites and data.
-The plain run is the in-process federation of :mod:`lcfed.federation` (no FLARE; sites one after the
+The plain run is the in-process federation of :mod:`lcfed.ops.federation` (no FLARE; sites one after the
 other, torch using every core); the simulator run is ``lcfed run`` (one client process per site).
 A round's time excludes start-up: the first round (data loading, process start) is dropped on both
 sides, and the simulator's round time is measured on the server from the start of the round to its
@@ -25,8 +25,8 @@ import torch
 
 
 def plain_rounds(algo: str, data: str, rounds: int, preset: str) -> list[float]:
-    from lcfed.config import make_config
-    from lcfed.federation import build_trainers, run_federation
+    from lcfed.ops.federation import build_trainers, run_federation
+    from lcfed.runtime.config import make_config
 
     torch.set_num_threads(os.cpu_count() or 1)
     trainers = build_trainers(algo, data, make_config(preset, rounds=rounds))
@@ -35,9 +35,9 @@ def plain_rounds(algo: str, data: str, rounds: int, preset: str) -> list[float]:
 
 
 def simulator_rounds(algo: str, data: str, rounds: int, preset: str, workspace: Path) -> tuple[list[float], float]:
-    from lcfed.data.layout import load_dataset_info
-    from lcfed.jobs import JobSpec
-    from lcfed.run import run_simulator
+    from lcfed.ops.jobs import JobSpec
+    from lcfed.ops.run import run_simulator
+    from lcfed.runtime.data.layout import load_dataset_info
 
     info = load_dataset_info(data)
     spec = JobSpec(

@@ -25,14 +25,14 @@ def _timer(fn, n: int) -> float:
 
 
 def main() -> None:
-    from lcfed.algorithms import get_algorithm
-    from lcfed.config import make_config
-    from lcfed.contract import bank_key
-    from lcfed.data.layout import load_dataset_info
-    from lcfed.data.pipeline import load_site
-    from lcfed.losses import soft_dice_loss
-    from lcfed.networks import bank_predictions, contrastive_site_loss, disagreement_map, pick_peaks
-    from lcfed.trainer import SiteTrainer
+    from lcfed.runtime.algorithms import get_algorithm
+    from lcfed.runtime.config import make_config
+    from lcfed.runtime.contract import bank_key
+    from lcfed.runtime.data.layout import load_dataset_info
+    from lcfed.runtime.data.pipeline import load_site
+    from lcfed.runtime.losses import soft_dice_loss
+    from lcfed.runtime.networks import bank_predictions, contrastive_site_loss, disagreement_map, pick_peaks
+    from lcfed.runtime.trainer import SiteTrainer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from nvflare.apis.fl_context import FLContext
 
-from lcfed.config import make_config
-from lcfed.data.layout import DataError
-from lcfed.fl.aggregator import HeadBankAggregator
-from lcfed.fl.learner import LCFedLearner
-from lcfed.jobs import JobSpec, export_job
-from lcfed.trainer import CheckpointMismatch
+from lcfed.ops.jobs import JobSpec, export_job
+from lcfed.runtime.config import make_config
+from lcfed.runtime.data.layout import DataError
+from lcfed.runtime.fl.aggregator import HeadBankAggregator
+from lcfed.runtime.fl.learner import LCFedLearner
+from lcfed.runtime.trainer import CheckpointMismatch
 
 SITES = ["site-a", "site-b", "site-c"]
 

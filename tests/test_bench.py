@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from lcfed.bench import compare, per_seed, summarize, write_outputs
+from lcfed.ops.bench import compare, per_seed, summarize, write_outputs
 
 SITES = ["site-a", "site-b"]
 METRICS = ("dice", "iou", "hd95", "assd")

@@ -7,9 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lcfed.algorithms import HeadBank
-from lcfed.contract import bank_key
-from lcfed.networks import (
+from lcfed.runtime.algorithms import HeadBank
+from lcfed.runtime.contract import bank_key
+from lcfed.runtime.networks import (
     HeadCalibration,
     bank_predictions,
     disagreement_map,
@@ -18,7 +18,7 @@ from lcfed.networks import (
     pick_peaks,
     separable_gaussian_filter,
 )
-from lcfed.networks.calibration import square_max_filter
+from lcfed.runtime.networks.calibration import square_max_filter
 
 
 def test_gaussian_is_31x31_sigma6_with_peak_one():

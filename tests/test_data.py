@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lcfed.cli import main
-from lcfed.data.demo import build_demo
-from lcfed.data.layout import SPLITS, load_datalist, load_dataset_info, split_by_patient
-from lcfed.data.pipeline import load_site
+from lcfed.ops.cli import main
+from lcfed.ops.data.demo import build_demo
+from lcfed.runtime.data.layout import SPLITS, load_datalist, load_dataset_info, split_by_patient
+from lcfed.runtime.data.pipeline import load_site
 
 
 def _same_tree(a: Path, b: Path) -> bool:

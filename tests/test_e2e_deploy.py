@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from lcfed.data.demo import build_demo
-from lcfed.deploy import SubmissionRefused, processes_using
-from lcfed.jobs import JobSpec, export_job
-from lcfed.poc import PocWorkspace
-from lcfed.production import Federation, project_admin, provision, write_site_config
-from lcfed.run import job_folder_info, simulate_job_folder
+from lcfed.ops.data.demo import build_demo
+from lcfed.ops.deploy import SubmissionRefused, processes_using
+from lcfed.ops.jobs import JobSpec, export_job
+from lcfed.ops.poc import PocWorkspace
+from lcfed.ops.production import Federation, project_admin, provision, write_site_config
+from lcfed.ops.run import job_folder_info, simulate_job_folder
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]

@@ -18,10 +18,10 @@ import time
 
 import pytest
 
-from lcfed.deploy import processes_using
-from lcfed.jobs import JobSpec, export_job
-from lcfed.poc import PocWorkspace
-from lcfed.run import RunFailed
+from lcfed.ops.deploy import processes_using
+from lcfed.ops.jobs import JobSpec, export_job
+from lcfed.ops.poc import PocWorkspace
+from lcfed.ops.run import RunFailed
 
 pytestmark = pytest.mark.e2e
 SITES = ["site-a", "site-b", "site-c"]

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from lcfed.algorithms import ModelSpec, get_algorithm
-from lcfed.fl.audit import AUDIT_FILE, read_audit
-from lcfed.fl.traffic import TRAFFIC_FILE
-from lcfed.run import RunFailed, run_and_report
+from lcfed.ops.run import RunFailed, run_and_report
+from lcfed.runtime.algorithms import ModelSpec, get_algorithm
+from lcfed.runtime.fl.audit import AUDIT_FILE, read_audit
+from lcfed.runtime.fl.traffic import TRAFFIC_FILE
 
 pytestmark = pytest.mark.e2e
 ALGO = "lcfed-joint"  # every round trains body, head and HC: the resumed round exercises all of them
@@ -115,8 +115,8 @@ def test_only_shared_parameters_the_sites_head_and_scalar_metrics_leave_a_site(r
 def test_privacy_filters_keep_the_head_bank(tiny_data2, tmp_path):
     ws = tmp_path / "private"
     excluded = "encoder.blocks.0.convs.0"
-    from lcfed.jobs import JobSpec
-    from lcfed.run import run_simulator
+    from lcfed.ops.jobs import JobSpec
+    from lcfed.ops.run import run_simulator
 
     spec = JobSpec(
         algorithm=ALGO,
@@ -137,7 +137,7 @@ def test_privacy_filters_keep_the_head_bank(tiny_data2, tmp_path):
         assert all("PercentilePrivacy" in " ".join(r["meta"]["filter_history"]) for r in train)
     # nobody sent the excluded layer: the global model keeps its initial value
     glob = torch.load(ws / "simulator/server/simulate_job/app_server/FL_global_model.pt", weights_only=True)["params"]
-    from lcfed.fl.reference import reference_model
+    from lcfed.runtime.fl.reference import reference_model
 
     _, model, _ = reference_model(ALGO, SITES, "tiny", {"rounds": 2}, 1, 2)
     key = f"{excluded}.conv.weight"

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from lcfed.fl.aggregator import ROUNDS_FILE
-from lcfed.run import RunFailed, run_and_report
+from lcfed.ops.run import RunFailed, run_and_report
+from lcfed.runtime.fl.aggregator import ROUNDS_FILE
 
 pytestmark = pytest.mark.e2e
 

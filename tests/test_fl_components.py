@@ -15,14 +15,14 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
 
-from lcfed.algorithms import get_algorithm
-from lcfed.config import make_config
-from lcfed.contract import BANK_PREFIX, ContractViolation, bank_key
-from lcfed.fl.aggregator import HeadBankAggregator
-from lcfed.fl.learner import LCFedLearner
-from lcfed.fl.persistor import GlobalStatePersistor
-from lcfed.fl.reference import reference_model
-from lcfed.jobs import export_committed_jobs
+from lcfed.ops.jobs import export_committed_jobs
+from lcfed.runtime.algorithms import get_algorithm
+from lcfed.runtime.config import make_config
+from lcfed.runtime.contract import BANK_PREFIX, ContractViolation, bank_key
+from lcfed.runtime.fl.aggregator import HeadBankAggregator
+from lcfed.runtime.fl.learner import LCFedLearner
+from lcfed.runtime.fl.persistor import GlobalStatePersistor
+from lcfed.runtime.fl.reference import reference_model
 
 SITES = ["site-a", "site-b", "site-c"]
 MODEL_ARGS = dict(algorithm="lcfed", sites=SITES, preset="tiny", options=None, in_channels=1, n_classes=2)
@@ -193,8 +193,8 @@ def test_learner_checks_the_model_against_the_site_data(tiny_data, tmp_path, mon
 
 
 def test_every_algorithm_has_a_committed_job():
-    from lcfed.algorithms import ALGORITHMS
-    from lcfed.jobs import COMMITTED_JOBS
+    from lcfed.ops.jobs import COMMITTED_JOBS
+    from lcfed.runtime.algorithms import ALGORITHMS
 
     assert sorted(COMMITTED_JOBS) == sorted(ALGORITHMS)
     committed = sorted(p.parent.name for p in (REPO / "jobs").glob("*/meta.json"))
@@ -248,7 +248,7 @@ def test_an_earlier_run_is_archived_not_overwritten_and_resume_continues_it(lear
 
 
 def test_a_failed_job_reports_the_servers_reason(tmp_path):
-    from lcfed.run import RunFailed, judge_job
+    from lcfed.ops.run import RunFailed, judge_job
 
     ws = tmp_path / "workspace"
     (ws / "app_server").mkdir(parents=True)

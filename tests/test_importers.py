@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lcfed.data.importers import (
+from lcfed.ops.data.importers import (
     KINDS,
     import_dataset,
     import_fundus,
@@ -19,7 +19,7 @@ from lcfed.data.importers import (
     import_polyp,
     import_prostate,
 )
-from lcfed.data.layout import SPLITS, DataError, load_datalist, load_dataset_info
+from lcfed.runtime.data.layout import SPLITS, DataError, load_datalist, load_dataset_info
 
 ZOOMS = (0.5, 0.6, 3.0)
 SHAPE = (16, 12)  # not square, so a transposed slice would show

@@ -1,4 +1,4 @@
-"""Tests for lcfed.metrics against values derived by hand on small constructed masks."""
+"""Tests for lcfed.runtime.metrics against values derived by hand on small constructed masks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lcfed.metrics import (
+from lcfed.runtime.metrics import (
     METRIC_NAMES,
     binarize,
     case_metrics,

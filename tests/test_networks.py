@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcfed.algorithms import get_algorithm
-from lcfed.networks import LCFedUNet, PersonalizedChannelSelection, contrastive_site_loss
+from lcfed.runtime.algorithms import get_algorithm
+from lcfed.runtime.networks import LCFedUNet, PersonalizedChannelSelection, contrastive_site_loss
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -39,8 +39,8 @@ def test_instance_norm_holds_no_parameters():
 @pytest.mark.parametrize("other", ["lcfed-no-pcs", "lcfed-no-hc", "fedavg", "fedbn", "fedrep", "ditto", "local"])
 def test_same_seed_same_initial_body_for_every_algorithm(other):
     """A paired benchmark: at one seed every algorithm starts from the same U-Net body and head."""
-    from lcfed.algorithms import ModelSpec
-    from lcfed.trainer import seed_everything
+    from lcfed.runtime.algorithms import ModelSpec
+    from lcfed.runtime.trainer import seed_everything
 
     spec = ModelSpec(in_channels=1, n_classes=2, n_sites=3, width=4)
     seed_everything(5)
@@ -59,7 +59,7 @@ def test_same_seed_same_initial_body_for_every_algorithm(other):
 
 
 def test_kaiming_init_scale():
-    from lcfed.networks.unet import kaiming_init
+    from lcfed.runtime.networks.unet import kaiming_init
 
     conv = torch.nn.Conv2d(64, 128, 3)
     kaiming_init(conv, seed=0)
@@ -154,7 +154,7 @@ def test_contrastive_value_is_minus_mean_mse_to_other_sites():
     ],
 )
 def test_personal_key_set(name, personal, banked):
-    from lcfed.algorithms import ModelSpec
+    from lcfed.runtime.algorithms import ModelSpec
 
     algo = get_algorithm(name)
     model = algo.build_model(ModelSpec(1, 2, 3, 4))
@@ -169,7 +169,7 @@ def test_personal_key_set(name, personal, banked):
 
 
 def test_fedbn_keeps_batchnorm_at_the_site_and_fedavg_bn_averages_it():
-    from lcfed.algorithms import ModelSpec
+    from lcfed.runtime.algorithms import ModelSpec
 
     for name, bn_personal in (("fedbn", True), ("fedavg-bn", False)):
         algo = get_algorithm(name)

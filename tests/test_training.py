@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from lcfed.aggregation import HeadBankAggregation
-from lcfed.algorithms import get_algorithm
-from lcfed.config import make_config
-from lcfed.contract import BANK_PREFIX, ContractViolation, bank_key
-from lcfed.data.pipeline import load_site
-from lcfed.federation import build_trainers, run_federation
-from lcfed.losses import soft_dice_loss
-from lcfed.trainer import CheckpointMismatch, SiteTrainer
+from lcfed.ops.federation import build_trainers, run_federation
+from lcfed.runtime.aggregation import HeadBankAggregation
+from lcfed.runtime.algorithms import get_algorithm
+from lcfed.runtime.config import make_config
+from lcfed.runtime.contract import BANK_PREFIX, ContractViolation, bank_key
+from lcfed.runtime.data.pipeline import load_site
+from lcfed.runtime.losses import soft_dice_loss
+from lcfed.runtime.trainer import CheckpointMismatch, SiteTrainer
 
 
 def snapshot(model: torch.nn.Module, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -150,7 +150,7 @@ def fake_result(keys_shapes, value):
 
 
 def model_shapes(algo="lcfed"):
-    from lcfed.algorithms import ModelSpec
+    from lcfed.runtime.algorithms import ModelSpec
 
     model = get_algorithm(algo).build_model(ModelSpec(1, 2, 3, 4))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -261,7 +261,7 @@ def test_same_seed_same_result(tiny_data):
 
 
 def test_mixed_precision_is_chosen_for_cuda_only(monkeypatch):
-    from lcfed.algorithms.base import Precision
+    from lcfed.runtime.algorithms.base import Precision
 
     cpu = Precision(torch.device("cpu"))
     assert not cpu.enabled and cpu.dtype is None and not cpu.scaler.is_enabled()

@@ -1,6 +1,0 @@
-"""``python -m lcfed``: see :mod:`lcfed.cli`."""
-
-from .cli import main
-
-if __name__ == "__main__":
-    raise SystemExit(main())
