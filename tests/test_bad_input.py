@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from nvflare.apis.fl_context import FLContext
+from conftest import FakeFLContext, start_learner
 
 from lcfed.ops.jobs import JobSpec, export_job
 from lcfed.runtime.config import make_config
@@ -24,35 +24,6 @@ from lcfed.runtime.fl.learner import LCFedLearner
 from lcfed.runtime.trainer import CheckpointMismatch
 
 SITES = ["site-a", "site-b", "site-c"]
-
-
-class _Engine:
-    def __init__(self, root: Path):
-        self.root = root
-
-    def get_workspace(self):
-        return self
-
-    def get_root_dir(self):
-        return str(self.root)
-
-    def get_app_dir(self, job_id):
-        return str(self.root / job_id)
-
-
-class _Ctx(FLContext):
-    def __init__(self, root: Path, site: str, job: str = "job1"):
-        super().__init__()
-        self._engine, self._site, self._job = _Engine(root), site, job
-
-    def get_engine(self):
-        return self._engine
-
-    def get_identity_name(self, default=""):
-        return self._site
-
-    def get_job_id(self, default=""):
-        return self._job
 
 
 @pytest.fixture
@@ -69,9 +40,7 @@ def start_site(data_root: Path | str, workspace: Path, site: str = "site-a", **l
     (workspace / "local" / "lcfed_site.json").write_text(json.dumps({"data_root": str(data_root)}))
     args = dict(algorithm="lcfed", sites=SITES, preset="tiny", in_channels=1, n_classes=2, tb_writer_id="")
     args.update(learner_args)
-    learner = LCFedLearner(**args)
-    learner.initialize({}, _Ctx(workspace, site))
-    return learner
+    return start_learner(LCFedLearner(**args), FakeFLContext(workspace, site))
 
 
 def first_entry(data: Path, site: str = "site-a", split: str = "training") -> dict:

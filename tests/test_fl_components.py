@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FakeFLContext, start_learner
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
 
+import lcfed
 from lcfed.ops.jobs import export_committed_jobs
 from lcfed.runtime.algorithms import get_algorithm
 from lcfed.runtime.config import make_config
@@ -84,53 +85,19 @@ def test_aggregator_rejects_a_result_that_breaks_the_contract_naming_the_site():
         agg.accept_model(result("intruder", 0.0))
 
 
-def test_persistor_initial_model_is_the_shared_part_of_the_seeded_model():
+def test_persistor_initial_model_is_the_shared_part_of_the_seeded_model(tmp_path):
     from nvflare.app_common.abstract.model import ModelLearnableKey
 
-    learnable = GlobalStatePersistor(**MODEL_ARGS).load_model(fl_ctx=_FakeCtx())
+    learnable = GlobalStatePersistor(**MODEL_ARGS).load_model(fl_ctx=FakeFLContext(tmp_path))
     weights = learnable[ModelLearnableKey.WEIGHTS]
     algo, model, _ = reference_model(**MODEL_ARGS)
     assert set(weights) == set(algo.contract.shared_keys(model.state_dict()))
 
 
-class _FakeEngine:
-    def __init__(self, root: Path | None = None):
-        self.root = root
-
-    def get_workspace(self):
-        return self
-
-    def get_root_dir(self):
-        return str(self.root)
-
-    def get_app_dir(self, job_id):
-        return str(self.root / job_id / "app")
-
-
-class _FakeCtx(FLContext):
-    """A real FLContext with a stub engine: enough for the components' lifecycle outside FLARE."""
-
-    def __init__(self, root: Path | None = None, identity: str = "site-a"):
-        super().__init__()
-        self._engine = _FakeEngine(root)
-        self._identity = identity
-
-    def get_engine(self):
-        return self._engine
-
-    def get_identity_name(self, default=""):
-        return self._identity
-
-    def get_job_id(self, default=""):
-        return "job1"
-
-
 @pytest.fixture
 def learner(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("LCFED_DATA_ROOT", tiny_data)
-    lrn = LCFedLearner(**MODEL_ARGS, tb_writer_id="")
-    lrn.initialize({}, _FakeCtx(tmp_path, "site-a"))
-    return lrn
+    return start_learner(LCFedLearner(**MODEL_ARGS, tb_writer_id=""), FakeFLContext(tmp_path, "site-a"))
 
 
 def train_task(params, round_idx=0, total=2):
@@ -155,7 +122,7 @@ def test_learner_merges_global_keeps_personal_and_returns_shared_plus_head(learn
     assert all(torch.equal(state[k], v) for k, v in personal.items())
     assert learner.trainer.ctx.head_bank.sites() == ["site-b"]
 
-    reply = learner.train(train_task(glob), _FakeCtx(tmp_path, "site-a"), Signal())
+    reply = learner.train(train_task(glob), FakeFLContext(tmp_path, "site-a"), Signal())
     dxo = from_shareable(reply)
     assert dxo.data_kind == DataKind.WEIGHTS
     assert set(dxo.data) == {k for k in model.state_dict() if not k.startswith("hc.")}
@@ -169,11 +136,10 @@ def test_learner_resumes_its_own_state_after_a_restart(learner, tiny_data, tmp_p
     glob = {
         k: v.numpy() for k, v in learner.trainer.model.state_dict().items() if learner.trainer.contract.is_shared(k)
     }
-    learner.train(train_task(glob, 0), _FakeCtx(tmp_path, "site-a"), Signal())
+    learner.train(train_task(glob, 0), FakeFLContext(tmp_path, "site-a"), Signal())
     before = {k: v.clone() for k, v in learner.trainer.model.state_dict().items()}
-    again = LCFedLearner(**MODEL_ARGS, tb_writer_id="")
-    again.initialize({}, _FakeCtx(tmp_path, "site-a"))
-    assert again.trainer.round == 1 and len(again.history) == 1
+    again = start_learner(LCFedLearner(**MODEL_ARGS, tb_writer_id=""), FakeFLContext(tmp_path, "site-a"))
+    assert again.trainer.round == 1 and len(again.round.history) == 1
     for k, v in again.trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -182,14 +148,14 @@ def test_learner_refuses_a_site_outside_the_job(tiny_data, tmp_path, monkeypatch
     monkeypatch.setenv("LCFED_DATA_ROOT", tiny_data)
     lrn = LCFedLearner(**{**MODEL_ARGS, "sites": ["site-b", "site-c"]}, tb_writer_id="")
     with pytest.raises(ValueError, match="'site-a' is not in the job's site list"):
-        lrn.initialize({}, _FakeCtx(tmp_path, "site-a"))
+        start_learner(lrn, FakeFLContext(tmp_path, "site-a"))
 
 
 def test_learner_checks_the_model_against_the_site_data(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("LCFED_DATA_ROOT", tiny_data)
     lrn = LCFedLearner(**{**MODEL_ARGS, "n_classes": 3}, tb_writer_id="")
     with pytest.raises(ValueError, match="3 class"):
-        lrn.initialize({}, _FakeCtx(tmp_path, "site-a"))
+        start_learner(lrn, FakeFLContext(tmp_path, "site-a"))
 
 
 def test_every_algorithm_has_a_committed_job():
@@ -226,24 +192,19 @@ def test_an_earlier_run_is_archived_not_overwritten_and_resume_continues_it(lear
     glob = {
         k: v.numpy() for k, v in learner.trainer.model.state_dict().items() if learner.trainer.contract.is_shared(k)
     }
-    learner.train(train_task(glob, 0), _FakeCtx(tmp_path, "site-a"), Signal())
+    learner.train(train_task(glob, 0), FakeFLContext(tmp_path, "site-a"), Signal())
     models = tmp_path / "lcfed_models" / "lcfed"
     first_best = (models / "best.pt").read_bytes()
 
-    class _OtherJob(_FakeCtx):
-        def get_job_id(self, default=""):
-            return "job2"
-
-    fresh = LCFedLearner(**MODEL_ARGS, tb_writer_id="")
-    fresh.initialize({}, _OtherJob(tmp_path, "site-a"))
+    fresh = start_learner(LCFedLearner(**MODEL_ARGS, tb_writer_id=""), FakeFLContext(tmp_path, "site-a", "job2"))
     assert fresh.trainer.round == 0 and not (models / "best.pt").exists()
     archived = list((models / "previous").glob("*-job1/best.pt"))
     assert len(archived) == 1 and archived[0].read_bytes() == first_best  # nothing saved before is lost
 
     # an explicit resume continues an earlier job's state
-    learner.train(train_task(glob, 1), _FakeCtx(tmp_path, "site-a"), Signal())
+    learner.train(train_task(glob, 1), FakeFLContext(tmp_path, "site-a"), Signal())
     resumed = LCFedLearner(**MODEL_ARGS, tb_writer_id="", resume=True)
-    resumed.initialize({}, _OtherJob(tmp_path, "site-a"))
+    start_learner(resumed, FakeFLContext(tmp_path, "site-a", "job2"))
     assert resumed.trainer.round == 2
 
 
@@ -277,3 +238,37 @@ def test_a_failed_job_reports_the_servers_reason(tmp_path):
     (ws / "app_server" / "lcfed_rounds.json").write_text(json.dumps({"rounds": full}))
     with pytest.raises(RunFailed, match="no site dropped out"):  # nobody dropped: a real failure
         judge_job("FINISHED:EXECUTION_EXCEPTION", ws, {**job, "min_clients": 2}, print)
+
+
+def test_the_flare_learner_and_the_in_process_loop_run_the_same_site_round(learner, tiny_data, tmp_path):
+    """One round protocol: FLARE's learner is an adapter around SiteRound, so both send the same bytes."""
+    from lcfed.ops.federation import build_trainers
+    from lcfed.runtime.site_round import SiteRound
+
+    glob = {
+        k: v.numpy().copy()
+        for k, v in learner.trainer.model.state_dict().items()
+        if learner.trainer.contract.is_shared(k)
+    }
+    sent = from_shareable(learner.train(train_task(glob), FakeFLContext(tmp_path, "site-a"), Signal())).data
+    twin = build_trainers("lcfed", tiny_data, make_config("tiny"), sites=SITES)[0]
+    reply = SiteRound(twin).run(glob, 0, make_config("tiny").rounds)
+    assert set(sent) == set(reply["params"])
+    for k, v in reply["params"].items():
+        np.testing.assert_array_equal(sent[k], v, err_msg=k)
+
+
+def test_a_site_that_refuses_the_job_says_why_in_every_reply(tiny_data, tmp_path, monkeypatch):
+    from nvflare.apis.fl_constant import ReturnCode
+
+    from lcfed.runtime.fl.controller import REFUSAL_HEADER
+
+    monkeypatch.setenv("LCFED_DATA_ROOT", tiny_data)
+    lrn = LCFedLearner(**MODEL_ARGS, tb_writer_id="", bundle_version="0.0.1")
+    lrn.initialize({}, FakeFLContext(tmp_path, "site-a"))  # no exception: the refusal travels to the server
+    assert lrn.trainer is None
+    reply = lrn.train(train_task({}), FakeFLContext(tmp_path, "site-a"), Signal())
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    reason = reply.get_header(REFUSAL_HEADER)
+    assert reason.startswith("BundleVersionMismatch: site 'site-a' refuses the job")
+    assert "lcfed 0.0.1" in reason and f"lcfed {lcfed.__version__}" in reason

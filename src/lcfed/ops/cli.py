@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(exp)
     committed = job.add_parser("export-committed", help="re-export the job folders committed under jobs/")
     committed.add_argument("--out", default="jobs")
+    pack = job.add_parser(
+        "pack", help="a BYOC copy of a job carrying the bundle's runtime code (for sites without the bundle)"
+    )
+    pack.add_argument("job", help="a configuration-only job folder (e.g. jobs/lcfed)")
+    pack.add_argument("--out", required=True, help="folder to write <job name>/ into")
 
     bench = sub.add_parser("bench", help="every algorithm in the simulator over several seeds: table, plots, test")
     bench.add_argument("--data", required=True)
@@ -190,6 +195,13 @@ def _cmd_job(args: argparse.Namespace) -> int:
     if args.job_command == "export-committed":
         for path in export_committed_jobs(args.out):
             print(f"exported {path}")
+        return 0
+    if args.job_command == "pack":
+        from lcfed.ops.jobs import pack_job
+
+        packed = pack_job(args.job, args.out)
+        n = sum(1 for _ in packed.rglob("*.py"))
+        print(f"packed {packed}: {n} Python files of lcfed.runtime in app/custom (submitting it needs the BYOC right)")
         return 0
     sites, channels, classes = list(DEMO_SITES), 1, 2
     if args.data:

@@ -1,4 +1,4 @@
-"""An in-process federation (no FLARE): the same trainer and aggregation maths in one loop.
+"""An in-process federation (no FLARE): the same site round and aggregation maths in one loop.
 
 Used by the tests (the maths of a whole run in seconds), the site-effect check of the demo set and
 the benchmark's overhead measurement (FLARE round vs the same local work).
@@ -16,6 +16,7 @@ from lcfed.runtime.algorithms import get_algorithm
 from lcfed.runtime.config import TrainConfig
 from lcfed.runtime.data.layout import load_dataset_info
 from lcfed.runtime.data.pipeline import load_site
+from lcfed.runtime.site_round import SiteRound
 from lcfed.runtime.trainer import SiteTrainer
 
 __all__ = ["build_trainers", "run_federation"]
@@ -38,44 +39,49 @@ def run_federation(
     weighting: str = "uniform",
     log: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
-    """Run ``rounds`` rounds; returns per-round records with each site's validation Dice."""
+    """Run ``rounds`` rounds; returns per-round records with each site's validation Dice.
+
+    Each site runs the same :class:`~lcfed.runtime.site_round.SiteRound` as under FLARE (without
+    checkpoints on disk); this loop plays the server: it sends the global model and head bank, collects
+    the replies and aggregates them with the same maths as FLARE's aggregator.
+    """
     first = trainers[0]
     agg = HeadBankAggregation(first.contract, first.model_keys(), weighting)
     # every site starts from the same seeded model, so the first site's shared part is the global init
     global_params: dict[str, Any] = {
         k: v.detach().cpu().numpy().copy() for k, v in first.model.state_dict().items() if first.contract.is_shared(k)
     }
-    personalized = first.algorithm.personalized
+    sites = [SiteRound(t) for t in trainers]
     records: list[dict[str, Any]] = []
     for r in range(rounds):
         t0 = time.perf_counter()
         agg.reset()
-        record: dict[str, Any] = {"round": r, "sites": {}}
-        records.append(record)
-        for t in trainers:
-            t.receive(global_params, r)
-            if not personalized and r > 0:  # the site's model is the global one it just received
-                records[r - 1]["sites"][t.site]["val_dice"] = t.evaluate("validation", surface=False)["dice"]
-            stats = t.train_round(r)
-            record["sites"][t.site] = dict(stats)
-            if personalized:
-                record["sites"][t.site]["val_dice"] = t.evaluate("validation", surface=False)["dice"]
-            agg.accept(t.site, t.outgoing(), n_samples=t.data.n_train)
+        for site in sites:
+            reply = site.run(global_params, r, rounds)
+            agg.accept(site.site, reply["params"], n_samples=reply["n_train"])
         global_params = agg.result()
-        record["time"] = time.perf_counter() - t0
-        if log and personalized:
-            _log_round(log, record, rounds)
-        elif log and r > 0:
-            _log_round(log, records[r - 1], rounds)
-    if not personalized:
+        records.append({"round": r, "time": time.perf_counter() - t0})
+        if log and (first.algorithm.personalized or r > 0):
+            _log_round(log, _record(sites, r if first.algorithm.personalized else r - 1), rounds)
+    if not first.algorithm.personalized:
         # FLARE's SiteListFedAvg sends the final aggregate for validation; so does this loop
-        for t in trainers:
-            t.receive(global_params)
-            records[-1]["sites"][t.site]["val_dice"] = t.evaluate("validation", surface=False)["dice"]
+        for site in sites:
+            site.final_validation(global_params, rounds)
         if log:
-            _log_round(log, records[-1], rounds)
+            _log_round(log, _record(sites, rounds - 1), rounds)
     # personalized sites keep their model of the last round (the last aggregate is not merged)
+    for record in records:
+        record.update(_record(sites, record["round"]))
     return records
+
+
+def _record(sites: list[SiteRound], round_idx: int) -> dict[str, Any]:
+    """Each site's record of one round (losses, steps, validation Dice), from the sites' own histories."""
+    out: dict[str, Any] = {"round": round_idx, "sites": {}}
+    for site in sites:
+        entry = next((h for h in site.history if h["round"] == round_idx), {})
+        out["sites"][site.site] = {k: v for k, v in entry.items() if k != "round"}
+    return out
 
 
 def _log_round(log: Callable[[str], None], record: dict[str, Any], rounds: int) -> None:

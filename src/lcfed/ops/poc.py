@@ -30,6 +30,7 @@ from lcfed.ops.deploy import (
     wait_for_job,
 )
 from lcfed.ops.jobs import JobSpec, export_job
+from lcfed.ops.provisioning import configure_local_dir
 from lcfed.ops.run import PROGRESS, RunFailed, job_folder_info, judge_job
 from lcfed.runtime.data.layout import load_dataset_info, write_json_atomic
 from lcfed.runtime.fl.site_config import MODELS_DIR, SITE_CONFIG_FILE
@@ -101,6 +102,10 @@ class PocWorkspace:
         if self.running():
             raise RuntimeError(f"a POC is running in {self.poc_dir}; stop it first (`python -m lcfed poc stop`)")
         self._nvflare("poc", "prepare", "-c", *info.sites, "--force")
+        # the POC enforces FLARE's class allow-list like a provisioned kit: allow the installed bundle there,
+        # and give BYOC to no role (the same two edits the provisioning builder makes)
+        for participant in ["server", *info.sites]:
+            configure_local_dir(self.kit_dir / participant / "local", server=participant == "server")
         data_root = str(Path(data_dir).resolve())
         for site in info.sites:
             write_json_atomic(self.kit_dir / site / "local" / SITE_CONFIG_FILE, {"data_root": data_root})

@@ -28,6 +28,7 @@ __all__ = [
     "extend_allow_list",
     "remove_byoc",
     "configure_local_dir",
+    "add_byoc_guard",
     "AllowListBuilder",
 ]
 
@@ -136,12 +137,34 @@ def remove_byoc(authorization_file: str | os.PathLike) -> list[str]:
     return changed
 
 
-def configure_local_dir(local_dir: str | os.PathLike) -> None:
-    """Allow the bundle in one participant's ``local/`` folder and remove BYOC from its policy (if it has one)."""
+GUARD_ID = "lcfed_byoc_guard"
+GUARD_PATH = "lcfed.runtime.fl.byoc_guard.ByocSubmissionGuard"
+
+
+def add_byoc_guard(resources_file: str | os.PathLike) -> bool:
+    """List the server component that refuses BYOC jobs at submission; False if it was there already.
+
+    FLARE 2.9 itself checks the ``byoc`` right only when it deploys a job, after accepting the submission.
+    """
+    path = Path(resources_file)
+    resources = _read_json(path)
+    components = resources.setdefault("components", [])
+    if any(c.get("id") == GUARD_ID for c in components):
+        return False
+    components.append({"id": GUARD_ID, "path": GUARD_PATH, "args": {}})
+    _write_json(path, resources)
+    return True
+
+
+def configure_local_dir(local_dir: str | os.PathLike, server: bool = False) -> None:
+    """Allow the bundle in one participant's ``local/`` folder, remove BYOC from its policy (if it has one) and,
+    on the server, refuse BYOC jobs at submission."""
     local_dir = Path(local_dir)
     extend_allow_list(local_dir / RESOURCES_DEFAULT)
     if (local_dir / AUTHORIZATION_DEFAULT).is_file():
         remove_byoc(local_dir / AUTHORIZATION_DEFAULT)
+    if server:
+        add_byoc_guard(local_dir / RESOURCES_DEFAULT)
 
 
 try:  # the builder needs FLARE's provisioning API; the functions above do not
@@ -175,3 +198,5 @@ class AllowListBuilder(_Builder):
             extend_allow_list(local_dir / RESOURCES_DEFAULT)
             if not self.byoc:
                 remove_byoc(local_dir / AUTHORIZATION_DEFAULT)
+                if participant is project.get_server():
+                    add_byoc_guard(local_dir / RESOURCES_DEFAULT)

@@ -137,7 +137,12 @@ def judge_job(
         raise RunFailed(f"{e}{why} (server log: {server_workspace / 'log.txt'})") from None
 
 
-_FAILURE = re.compile(r"Exception in \S+ run: (.*)$|(?:RuntimeError|ValueError|DataError|ContractViolation): (.*)$")
+# the bundle's own refusals first (they name the site and what to do), then FLARE's and Python's generic errors
+_OWN_FAILURE = re.compile(
+    r"(?:BundleVersionMismatch|CheckpointMismatch|ContractViolation|DataError|ResumeError|ComponentNotAuthorized): "
+    r"(.*?)(?:: Aborting the job!)?$"
+)
+_FAILURE = re.compile(r"Exception in \S+ run: (.*)$|(?:RuntimeError|ValueError): (.*)$")
 
 
 def failure_reason(log_file: str | os.PathLike) -> str | None:
@@ -146,10 +151,12 @@ def failure_reason(log_file: str | os.PathLike) -> str | None:
         text = Path(log_file).read_text(errors="replace")
     except OSError:
         return None
-    for line in text.splitlines():
-        m = _FAILURE.search(line)
-        if m:
-            return (m.group(1) or m.group(2)).strip()
+    lines = text.splitlines()
+    for pattern in (_OWN_FAILURE, _FAILURE):
+        for line in lines:
+            m = pattern.search(line)
+            if m:
+                return next(g for g in m.groups() if g is not None).strip()
     return None
 
 

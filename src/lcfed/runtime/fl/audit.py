@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 from nvflare.apis.dxo import DataKind, MetaKey, from_shareable
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.fuel.utils import fobs
 
 from ..contract import ContractViolation
+from .controller import REFUSAL_HEADER
 from .reference import reference_model
 from .site_config import models_root
 
@@ -69,14 +70,22 @@ class OutgoingAudit(Filter):
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         site = fl_ctx.get_identity_name()
-        dxo = from_shareable(shareable)
+        rc = shareable.get_return_code(ReturnCode.OK)
         record: dict[str, Any] = {
             "time": time.time(),
             "task": fl_ctx.get_prop(ReservedKey.TASK_NAME, "?"),
             "round": _round_of(shareable, fl_ctx),
-            "data_kind": dxo.data_kind,
             "bytes": len(fobs.dumps(shareable)),
         }
+        if rc != ReturnCode.OK:
+            # an error reply (a refusal, an aborted task) carries no data, only its code and the site's reason
+            if shareable.get_header(ReservedHeaderKey.CONTENT_TYPE) or set(shareable) - {"__headers__"}:
+                raise ContractViolation(f"site {site!r} would send data with the error reply {rc!r}")
+            record.update(return_code=rc, refusal=shareable.get_header(REFUSAL_HEADER))
+            self._write(site, fl_ctx, record)
+            return shareable
+        dxo = from_shareable(shareable)
+        record["data_kind"] = dxo.data_kind
         if dxo.data_kind in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
             # the contract's keys only; shared keys may be missing when a privacy filter removed them
             self.contract.check_outgoing(dxo.data.keys(), self.model_keys, site, allow_missing_shared=True)
@@ -102,11 +111,14 @@ class OutgoingAudit(Filter):
             for k, v in dxo.meta.items()
             if k != MetaKey.INITIAL_METRICS
         }
+        self._write(site, fl_ctx, record)
+        return shareable
+
+    def _write(self, site: str, fl_ctx: FLContext, record: dict[str, Any]) -> None:
         path = models_root(site, fl_ctx.get_engine().get_workspace().get_root_dir()) / self.run_name / AUDIT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        return shareable
 
 
 def _round_of(shareable: Shareable, fl_ctx: FLContext) -> int | None:

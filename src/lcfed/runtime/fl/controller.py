@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from .persistor import RESUME_ROUND
 
-__all__ = ["SiteListFedAvg"]
+__all__ = ["SiteListFedAvg", "REFUSAL_HEADER"]
+
+# a site that refuses the job (another bundle version, unreadable data) says why in this header of its reply
+REFUSAL_HEADER = "lcfed_site_refusal"
 
 
 class SiteListFedAvg(FedAvg):
@@ -127,6 +132,16 @@ class SiteListFedAvg(FedAvg):
             else:
                 self.info(f"resuming after round {resumed}: rounds {self.start_round}..{planned - 1}")
         return model
+
+    def _accept_train_result(
+        self, client_name: str, result: Shareable, fl_ctx: FLContext, is_unknown_task: bool = False
+    ) -> bool:
+        refusal = result.get_header(REFUSAL_HEADER)
+        if refusal:
+            # a refusal is the site's decision, not a passing fault: the run stops with the site's own reason
+            self.panic(f"site {client_name!r} refused the task: {refusal}")
+            return False
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
         if not result.params and getattr(self.aggregator, "accepts_empty_results", False):

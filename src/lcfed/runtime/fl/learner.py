@@ -1,17 +1,17 @@
-"""FLARE Learner: a thin adapter from FLARE's train task to :class:`lcfed.runtime.trainer.SiteTrainer`.
+"""FLARE Learner: FLARE's types in, the site's round (:class:`lcfed.runtime.site_round.SiteRound`), FLARE's types out.
 
-Per round it merges the received shared weights and head bank into the site's model (personal
-tensors untouched), trains, validates, keeps the site's personalized checkpoints (best on the
-validation split, and last) in the site's own workspace, and returns exactly the contract's outgoing
-keys (shared parameters + this site's head) with the step count and scalar metrics.
+The round itself (merge the received shared weights and head bank, evaluate, train, evaluate, keep the
+personalized checkpoints, return exactly the contract's outgoing keys) is the same code the in-process
+federation runs. This adapter adds what only FLARE has: the task headers, the abort signal, differences
+for FLARE's privacy filters, TensorBoard through FLARE's analytics, and the refusal a site sends when it
+cannot take part (another bundle version, unreadable data), which the server turns into a failed run
+naming the site.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,17 @@ from nvflare.app_common.abstract.learner_spec import Learner
 from nvflare.app_common.app_constant import AppConstants, ValidateType
 
 from ..algorithms import get_algorithm
-from ..bundle import check_bundle_version
+from ..bundle import BundleVersionMismatch, check_bundle_version
 from ..config import make_config
 from ..contract import bank_key
-from ..data.layout import write_json_atomic
+from ..data.layout import DataError
 from ..data.pipeline import load_site
+from ..site_round import BEST, HISTORY, LAST, CheckpointStore, SiteRound
 from ..trainer import CheckpointMismatch, SiteTrainer
+from .controller import REFUSAL_HEADER
 from .site_config import models_root, resolve_site_data
 
-__all__ = ["LCFedLearner", "BEST", "LAST", "HISTORY"]
-
-BEST = "best.pt"
-LAST = "last.pt"
-PREVIOUS = "previous.pt"
-HISTORY = "history.json"
+__all__ = ["LCFedLearner", "BEST", "LAST", "HISTORY", "read_history"]
 
 
 class LCFedLearner(Learner):
@@ -110,17 +107,28 @@ class LCFedLearner(Learner):
         self.num_threads = num_threads
         self.tb_writer_id = tb_writer_id
         self.trainer: SiteTrainer | None = None
+        self.round: SiteRound | None = None
         self.writer = None
         self.site = ""
-        self.ckpt_dir: Path | None = None
-        self.job_id = ""
-        self.best_dice = -1.0
-        self.history: list[dict[str, Any]] = []
+        self.refusal = ""  # why this site refuses the job ("" when it takes part)
+        self.refusal_error: Exception | None = None
+        self._fl_ctx: FLContext | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def initialize(self, parts: dict, fl_ctx: FLContext) -> None:
         self.site = fl_ctx.get_identity_name()
-        check_bundle_version(self.bundle_version, f"site {self.site!r}")
+        self._fl_ctx = fl_ctx
+        try:
+            check_bundle_version(self.bundle_version, f"site {self.site!r}")
+            self._initialize(parts, fl_ctx)
+        except (BundleVersionMismatch, DataError, CheckpointMismatch, ValueError) as e:
+            # refuse every task with the reason, so that the server stops the run naming this site and why
+            # (an exception here would reach the server only as an anonymous EXECUTION_EXCEPTION)
+            self.refusal_error = e
+            self.refusal = f"{type(e).__name__}: {e}"
+            self.log_error(fl_ctx, f"site {self.site} refuses the job: {self.refusal}")
+
+    def _initialize(self, parts: dict, fl_ctx: FLContext) -> None:
         sites = list(self.sites or [])
         if not sites:
             raise ValueError("the job lists no sites (LCFedLearner.sites is empty)")
@@ -146,88 +154,49 @@ class LCFedLearner(Learner):
         self.trainer = SiteTrainer(algorithm, config, data, sites, self.site)
         # the seeded initial model (the server's reference model is the same): base of a head's first difference
         self.initial_state = {k: v.detach().cpu().numpy().copy() for k, v in self.trainer.model.state_dict().items()}
-        self.job_id = fl_ctx.get_job_id()
-        self.ckpt_dir = models_root(self.site, workspace.get_root_dir()) / self.run_name
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self._resume_or_archive(fl_ctx)
+        store = CheckpointStore(models_root(self.site, workspace.get_root_dir()) / self.run_name, fl_ctx.get_job_id())
         if self.tb_writer_id:
             self.writer = parts.get(self.tb_writer_id)
+        self.round = SiteRound(self.trainer, store, log=self._log, on_metrics=self._tensorboard)
+        self.round.start(resume=self.resume)
         split_sizes = {k: len(v) for k, v in data.splits.items()}
         self.log_info(
             fl_ctx,
             f"site {self.site}: {algorithm.description}, preset {config.preset}, device {self.trainer.device}, "
-            f"slices {split_sizes}, personal checkpoints in {self.ckpt_dir}",
+            f"slices {split_sizes}, personal checkpoints in {store.directory}",
         )
-
-    def _resume_or_archive(self, fl_ctx: FLContext) -> None:
-        last = self.ckpt_dir / LAST
-        if not last.is_file():
-            return
-        previous_job = torch.load(last, map_location="cpu", weights_only=True).get("meta", {}).get("job_id")
-        if previous_job == self.job_id or self.resume:
-            # the same job restarted (a killed process, a simulator client swapped out) or an explicit resume:
-            # continue from this site's own personalized state; a checkpoint of another configuration fails here
-            meta = self.trainer.load(last)
-            self.history = list(self.trainer.history)
-            self.best_dice = max((h["val_dice"] for h in self.history if "val_dice" in h), default=-1.0)
-            self.log_info(
-                fl_ctx, f"site {self.site}: resumed from {last} (round {meta.get('round')}, job {previous_job})"
-            )
-            return
-        # an earlier run under the same name: keep it, never overwrite it
-        archive = self.ckpt_dir / "previous" / f"{time.strftime('%Y%m%d-%H%M%S')}-{previous_job}"
-        archive.mkdir(parents=True, exist_ok=True)
-        for f in list(self.ckpt_dir.iterdir()):
-            if f.is_file():
-                shutil.move(str(f), archive / f.name)
-        self.log_info(fl_ctx, f"site {self.site}: an earlier run's models were moved to {archive}")
-
-    def _save(self, name: str, **meta: Any) -> None:
-        self.trainer.save(self.ckpt_dir / name, job_id=self.job_id, **meta)
 
     # -- tasks -------------------------------------------------------------------------------------
     def train(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        trainer = self.trainer
+        if self.refusal:
+            return self._refuse()
+        self._fl_ctx = fl_ctx
         dxo = from_shareable(data)
-        round_idx = int(data.get_header(AppConstants.CURRENT_ROUND, trainer.round))
-        total = trainer.config.rounds  # the run's rounds (a resumed job runs only the rest)
-        self._align_with_server(round_idx, fl_ctx)
-        trainer.receive(dxo.data, round_idx)
-        base = self._difference_base(dxo.data) if self.send_diffs else None
-        evaluated = None
-        if not trainer.algorithm.personalized and round_idx > 0:
-            # FedAvg/FedProx: the site's model is the global one; what arrived is round r-1's aggregate
-            evaluated = self._validate(round_idx - 1, total, fl_ctx, "global model")
-        stats = trainer.train_round(round_idx, should_stop=lambda: abort_signal.triggered)
-        if stats["aborted"]:
+        round_idx = int(data.get_header(AppConstants.CURRENT_ROUND, self.trainer.round))
+        base = None
+        if self.send_diffs:
+            self.round.align(round_idx)  # the base is the state this round starts from
+            base = self._difference_base(dxo.data)
+        # the run's rounds (a resumed job runs only the rest)
+        reply = self.round.run(dxo.data, round_idx, self.trainer.config.rounds, lambda: abort_signal.triggered)
+        if reply is None:
             return make_reply(ReturnCode.TASK_ABORTED)
-        self._entry(round_idx).update(stats, total_rounds=total)
-        if trainer.algorithm.personalized:
-            evaluated = self._validate(round_idx, total, fl_ctx, "personalized model")
-        if (self.ckpt_dir / LAST).is_file():
-            # one round back, for a server that resumes from the round before this one (crash mid-round)
-            shutil.copy2(self.ckpt_dir / LAST, self.ckpt_dir / PREVIOUS)
-        self._save(LAST, round=round_idx)
-        self._flush_history()
-        losses = ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.endswith(("loss", "contrastive", "proximal")))
-        self.log_info(
-            fl_ctx, f"site {self.site} round {round_idx + 1}/{total}: {losses}; train {stats['train_time']:.1f} s"
-        )
-        self._tensorboard(stats, round_idx)
-        meta = {
-            MetaKey.NUM_STEPS_CURRENT_ROUND: int(stats["steps"]),
-            "n_train": trainer.data.n_train,
-        }
-        if evaluated is not None:
+        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: reply["steps"], "n_train": reply["n_train"]}
+        if reply["val_dice"] is not None:
             # a dict, never a bare float: FLARE 2.9 drops results whose INITIAL_METRICS is a float
-            meta[MetaKey.INITIAL_METRICS] = {"val_dice": float(evaluated["dice"])}
-        outgoing = trainer.outgoing()
+            meta[MetaKey.INITIAL_METRICS] = {"val_dice": reply["val_dice"]}
+        outgoing = reply["params"]
         if base is not None:
             # differences, so FLARE's diff-based privacy filters (PercentilePrivacy, SVTPrivacy) apply
             outgoing = {k: v - base[k] for k, v in outgoing.items()}
         kind = DataKind.WEIGHT_DIFF if base is not None else DataKind.WEIGHTS
-        reply = DXO(data_kind=kind, data=outgoing, meta=meta).to_shareable()
-        reply.set_header(AppConstants.CURRENT_ROUND, round_idx)  # lets the outgoing audit name the round
+        out = DXO(data_kind=kind, data=outgoing, meta=meta).to_shareable()
+        out.set_header(AppConstants.CURRENT_ROUND, round_idx)  # lets the outgoing audit name the round
+        return out
+
+    def _refuse(self) -> Shareable:
+        reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        reply.set_header(REFUSAL_HEADER, self.refusal)
         return reply
 
     def _difference_base(self, received: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -239,94 +208,38 @@ class LCFedLearner(Learner):
             base[key] = np.asarray(banked if banked is not None else self.initial_state[key], dtype=np.float32)
         return base
 
-    def _align_with_server(self, round_idx: int, fl_ctx: FLContext) -> None:
-        """A resumed server may restart the round this site already trained: step back one checkpoint."""
-        trainer = self.trainer
-        if trainer.round <= round_idx:
-            if trainer.round < round_idx and trainer.round > 0:
-                self.log_info(
-                    fl_ctx, f"site {self.site} rejoins at round {round_idx + 1} (last trained {trainer.round})"
-                )
-            return
-        previous = self.ckpt_dir / PREVIOUS
-        if previous.is_file():
-            state = torch.load(previous, map_location="cpu", weights_only=True)
-            if int(state["round"]) == round_idx:
-                trainer.load_state_dict(state, source=str(previous))
-                self.history = [h for h in trainer.history if h["round"] < round_idx]
-                self.best_dice = max((h["val_dice"] for h in self.history if "val_dice" in h), default=-1.0)
-                self.log_info(
-                    fl_ctx, f"site {self.site}: server restarts round {round_idx + 1}; stepped back to {previous}"
-                )
-                return
-        raise CheckpointMismatch(
-            f"site {self.site!r} has trained up to round {trainer.round} but the server asks for round "
-            f"{round_idx + 1}, and no checkpoint of round {round_idx} is kept in {self.ckpt_dir}"
-        )
-
     def validate(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if self.refusal:
+            return self._refuse()
         if data.get_header(AppConstants.VALIDATE_TYPE) == ValidateType.BEFORE_TRAIN_VALIDATE:
             # validation runs inside train(): on the personalized model after training, or on the global
             # model as received
             return make_reply(ReturnCode.TASK_UNSUPPORTED)
-        trainer = self.trainer
-        total = int(data.get_header(AppConstants.NUM_ROUNDS, trainer.config.rounds))
-        if not trainer.algorithm.personalized:
-            # the final aggregate (sent after the last round by SiteListFedAvg): evaluate and keep it if best
-            trainer.receive(from_shareable(data).data)
-            val = self._validate(trainer.round - 1, total, fl_ctx, "final global model")
-            self._flush_history()
-        else:
-            val = trainer.evaluate("validation", surface=False)
-            self.log_info(fl_ctx, f"site {self.site}: final personalized model, val dice {val['dice']:.4f}")
+        self._fl_ctx = fl_ctx
+        total = int(data.get_header(AppConstants.NUM_ROUNDS, self.trainer.config.rounds))
+        # the final aggregate (sent after the last round by SiteListFedAvg)
+        received = None if self.trainer.algorithm.personalized else from_shareable(data).data
+        val = self.round.final_validation(received, total)
         return DXO(data_kind=DataKind.METRICS, data={"val_dice": val["dice"], "val_iou": val["iou"]}).to_shareable()
 
-    def _entry(self, round_idx: int) -> dict[str, Any]:
-        for h in self.history:
-            if h["round"] == round_idx:
-                return h
-        self.history.append({"round": round_idx})
-        self.history.sort(key=lambda h: h["round"])
-        return self._entry(round_idx)
-
-    def _validate(self, round_idx: int, total: int, fl_ctx: FLContext, what: str) -> dict[str, Any]:
-        """Validate the site's current model as round ``round_idx``'s; keep it as best.pt if it is the best."""
-        t0 = time.perf_counter()
-        val = self.trainer.evaluate("validation", surface=False)
-        self._entry(round_idx).update(val_dice=val["dice"], val_iou=val["iou"], val_time=time.perf_counter() - t0)
-        self.trainer.history = self.history
-        improved = val["dice"] > self.best_dice
-        if improved:
-            self.best_dice = val["dice"]
-            self._save(BEST, round=round_idx, val_dice=val["dice"])
-        self.log_info(
-            fl_ctx,
-            f"site {self.site} round {round_idx + 1}/{total}: {what} val dice {val['dice']:.4f}"
-            + (" (best)" if improved else ""),
-        )
-        self._tensorboard({"val_dice": val["dice"], "val_iou": val["iou"]}, round_idx)
-        return val
-
-    def _flush_history(self) -> None:
-        self.trainer.history = self.history
-        write_json_atomic(self.ckpt_dir / HISTORY, self.history)
-
     def finalize(self, fl_ctx: FLContext) -> None:
-        if self.ckpt_dir is not None and self.history:
-            summary = {"site": self.site, "best_val_dice": self.best_dice, "rounds": len(self.history)}
-            write_json_atomic(self.ckpt_dir / "summary.json", summary)
+        if self.round is not None:
+            self.round.finish()
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _tensorboard(self, record: dict[str, Any], step: int) -> None:
+    def _log(self, message: str) -> None:
+        if self._fl_ctx is not None:
+            self.log_info(self._fl_ctx, message)
+
+    def _tensorboard(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is None:
             return
-        for key, value in record.items():
-            if key in ("round", "total_rounds", "aborted", "steps") or not isinstance(value, (int, float)):
-                continue
-            self.writer.add_scalar(key, float(value), global_step=step)
+        for key, value in scalars.items():
+            if key != "total_rounds":
+                self.writer.add_scalar(key, value, global_step=step)
 
 
 def read_history(ckpt_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """A site's per-round record (written by the learner each round)."""
+    """A site's per-round record (written each round)."""
     path = Path(ckpt_dir) / HISTORY
     return json.loads(path.read_text()) if path.is_file() else []

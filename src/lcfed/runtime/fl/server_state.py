@@ -9,7 +9,6 @@ files to ``previous/`` instead of overwriting them.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from nvflare.apis.fl_context import FLContext
 
 from ..config import make_config
+from ..site_round import archive_files
 from ..trainer import atomic_torch_save
 from .site_config import models_root
 
@@ -81,12 +81,5 @@ def load_state(directory: Path, identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def archive_run(directory: Path) -> Path | None:
-    """Move an earlier run's files to ``previous/<timestamp>/``; returns the archive folder (None if nothing)."""
-    files = [f for f in directory.iterdir() if f.is_file()] if directory.is_dir() else []
-    if not files:
-        return None
-    archive = directory / "previous" / time.strftime("%Y%m%d-%H%M%S")
-    archive.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.move(str(f), archive / f.name)
-    return archive
+    """Move an earlier run's files to ``previous/<timestamp>/`` (the same rule as a site's checkpoints)."""
+    return archive_files(directory)
