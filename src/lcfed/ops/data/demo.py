@@ -1,7 +1,7 @@
 """The embedded multi-site demo set, built from the ICBM152 2009a template shipped in the nilearn wheel.
 
 Real anatomy with real co-registered tissue maps, offline. Each site differs from the others the way
-hospitals do (shared/docs/data.md):
+hospitals do:
 
 - coverage and size: its own axial range and number of "subjects";
 - annotation style: its own probability threshold on the tissue maps moves the boundaries (the

@@ -1,6 +1,6 @@
 """Importers: the paper's real data layouts -> the on-disk convention of :mod:`lcfed.runtime.data.layout`.
 
-Supported layouts (shared/docs/data.md, "Real layouts the importers must accept"):
+Supported layouts (the paper's data sets and NVFlare's prostate example):
 
 - ``prostate``: the 6-site prostate MRI release (``RUNMC/Case00.nii.gz`` + ``Case00_segmentation.nii.gz``);
 - ``fundus``: the DoFE/FedDG optic disc/cup release (``Domain1/{train,test}/ROIs/{image,mask}/*.png``);
