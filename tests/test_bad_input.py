@@ -211,3 +211,28 @@ def test_an_options_typo_is_named():
     with pytest.raises(ValueError) as exc:
         make_config("tiny", iteratons=3)
     expect(exc, "unknown training option(s) ['iteratons']")
+
+
+# -- the command line: one sentence and what to do, never a traceback ------------------------------
+def test_cli_failure_is_one_line_with_what_to_do(tmp_path, capsys):
+    from lcfed.ops.cli import main
+
+    rc = main(["run", "--data", str(tmp_path / "nowhere"), "--workspace", str(tmp_path / "ws")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    assert err.splitlines()[0] == f"error: [file {tmp_path / 'nowhere'}] data folder not found"
+    assert "--verbose" in err.splitlines()[1]
+    rc = main(["job", "pack", str(tmp_path), "--out", str(tmp_path / "out"), "--verbose"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" in err and "is not a job folder (no meta.json)" in err.splitlines()[-1]
+
+
+def test_a_flare_command_that_times_out_is_explained():
+    import subprocess
+
+    from lcfed.ops.cli import describe_failure
+
+    text = describe_failure(subprocess.TimeoutExpired(["nvflare", "poc", "start"], 180))
+    assert text.startswith("`nvflare poc start` did not finish within 180 s")
+    assert "--start-timeout" in text

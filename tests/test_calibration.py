@@ -118,9 +118,19 @@ def test_head_calibration_shape_range_and_formula():
     feature = torch.randn(3, 4, 40, 40)
     prob = torch.rand(3, 2, 40, 40)
     peaks = pick_peaks(disagreement_map(prob, torch.rand(2, 3, 2, 40, 40)))
+    # at its zero initialisation S* is 0.5 everywhere; with weights it is sigmoid(conv3x3(calibrated features))
+    torch.testing.assert_close(hc(feature, prob, peaks), torch.full((3, 2, 40, 40), 0.5))
+    with torch.no_grad():
+        hc.conv.weight.normal_(0, 0.05)
+        hc.conv.bias.normal_(0, 0.1)
     out = hc(feature, prob, peaks)
     assert out.shape == (3, 2, 40, 40)
-    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    expected = torch.sigmoid(
+        torch.nn.functional.conv2d(
+            hc.calibrated_features(feature, prob, peaks), hc.conv.weight, hc.conv.bias, padding=1
+        )
+    )
+    torch.testing.assert_close(out, expected)
     assert hc.conv.in_channels == 2 * 4 * 2  # 64*C at the paper's width (D = 32)
     # the calibrated features follow F_U = F * (G * B) + F and F_P = F * (G * P) + F, class by class
     cal = hc.calibrated_features(feature, prob, peaks)

@@ -85,13 +85,19 @@ def test_aggregator_rejects_a_result_that_breaks_the_contract_naming_the_site():
         agg.accept_model(result("intruder", 0.0))
 
 
-def test_persistor_initial_model_is_the_shared_part_of_the_seeded_model(tmp_path):
+def test_persistor_initial_model_is_every_sites_initial_shared_model(tiny_data, tmp_path):
+    """The server's round-0 global model equals the shared part of the model each site builds by itself."""
     from nvflare.app_common.abstract.model import ModelLearnableKey
+
+    from lcfed.ops.federation import build_trainers
 
     learnable = GlobalStatePersistor(**MODEL_ARGS).load_model(fl_ctx=FakeFLContext(tmp_path))
     weights = learnable[ModelLearnableKey.WEIGHTS]
-    algo, model, _ = reference_model(**MODEL_ARGS)
-    assert set(weights) == set(algo.contract.shared_keys(model.state_dict()))
+    for site in build_trainers("lcfed", tiny_data, make_config("tiny"), sites=SITES):
+        state = site.model.state_dict()
+        assert set(weights) == {k for k in state if not k.startswith(("head.", "hc."))}
+        for k, v in weights.items():
+            np.testing.assert_array_equal(v, state[k].numpy(), err_msg=f"{site.site}: {k}")
 
 
 @pytest.fixture
@@ -272,3 +278,52 @@ def test_a_site_that_refuses_the_job_says_why_in_every_reply(tiny_data, tmp_path
     reason = reply.get_header(REFUSAL_HEADER)
     assert reason.startswith("BundleVersionMismatch: site 'site-a' refuses the job")
     assert "lcfed 0.0.1" in reason and f"lcfed {lcfed.__version__}" in reason
+
+
+def test_committed_jobs_are_configuration_only_and_pinned():
+    """A job folder carries meta.json and app/config/*.json, no code, and names the installed bundle version."""
+    for job in (REPO / "jobs").iterdir():
+        files = sorted(str(p.relative_to(job)) for p in job.rglob("*") if p.is_file())
+        assert files == ["app/config/config_fed_client.json", "app/config/config_fed_server.json", "meta.json"], job
+        client = json.loads((job / "app/config/config_fed_client.json").read_text())
+        server = json.loads((job / "app/config/config_fed_server.json").read_text())
+        learner = next(c for c in client["components"] if c["id"] == "learner")
+        persistor = next(c for c in server["components"] if c["id"] == "persistor")
+        assert learner["args"]["bundle_version"] == persistor["args"]["bundle_version"] == lcfed.__version__
+
+
+def test_every_class_a_job_names_is_on_the_allow_list(tmp_path):
+    """What the provisioning builder allows covers every job option; nothing unused is allowed."""
+    from lcfed.ops.jobs import JobSpec, export_job, job_class_paths
+    from lcfed.ops.provisioning import allowed_classes
+
+    named = set()
+    for job in (REPO / "jobs").iterdir():
+        named |= job_class_paths(job)
+    options = JobSpec(
+        preset="tiny", name="all-options", percentile_privacy={"percentile": 10, "gamma": 0.01}, exclude_vars="pcs"
+    )
+    named |= job_class_paths(export_job(options, tmp_path))
+    assert named == set(allowed_classes())
+
+
+def test_the_packed_job_carries_only_the_runtime_which_imports_nothing_else(tmp_path):
+    import subprocess
+    import sys
+
+    from lcfed.ops.jobs import pack_job
+
+    packed = pack_job(REPO / "jobs" / "lcfed", tmp_path)
+    custom = packed / "app" / "custom"
+    assert sorted(p.name for p in (custom / "lcfed").iterdir()) == ["__init__.py", "runtime"]
+    assert not list(custom.rglob("cli.py")) and not list(custom.rglob("importers.py"))
+    # the job's copy is what FLARE imports (app/custom comes first); loading every FLARE component from it
+    # must not need the operations side
+    probe = (
+        "import sys, importlib; sys.path.insert(0, sys.argv[1]); import lcfed; "
+        "assert lcfed.__file__.startswith(sys.argv[1]), lcfed.__file__; "
+        "[importlib.import_module('lcfed.runtime.fl.' + m) for m in "
+        "('learner', 'aggregator', 'persistor', 'controller', 'audit', 'traffic', 'byoc_guard')]; "
+        "assert not [m for m in sys.modules if m.startswith('lcfed.ops')], 'the runtime imported lcfed.ops'"
+    )
+    subprocess.run([sys.executable, "-c", probe, str(custom)], check=True)

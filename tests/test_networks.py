@@ -161,11 +161,13 @@ def test_personal_key_set(name, personal, banked):
     keys = list(model.state_dict())
     assert {k for k in keys if algo.contract.is_personal(k)} == personal
     assert set(algo.contract.banked_keys(keys)) == banked
-    # PCS is shared (averaged) as method.md specifies; only the off-spec variant keeps its site embedding
-    pcs_shared = {k for k in keys if k.startswith("pcs.") and algo.contract.is_shared(k)}
-    pcs_private = {k for k in keys if k.startswith("pcs.") and algo.contract.is_private(k)}
-    assert pcs_shared | pcs_private == {k for k in keys if k.startswith("pcs.")}
-    assert pcs_private == ({"pcs.embed.0.weight", "pcs.embed.2.weight"} if name == "lcfed-private-embedding" else set())
+    # what leaves the site: every shared key and the banked head, never a private key
+    outgoing = set(algo.contract.outgoing_keys(keys))
+    assert outgoing == (set(keys) - personal) | banked
+    # PCS is shared (averaged) as the method specifies; only the off-spec variant keeps its site embedding home
+    pcs = {k for k in keys if k.startswith("pcs.")}
+    kept_home = {"pcs.embed.0.weight", "pcs.embed.2.weight"} if name == "lcfed-private-embedding" else set()
+    assert pcs - outgoing == kept_home
 
 
 def test_fedbn_keeps_batchnorm_at_the_site_and_fedavg_bn_averages_it():

@@ -314,3 +314,55 @@ def test_private_embedding_variant_keeps_the_site_embedding_at_the_site_and_aver
         assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in mlp), name  # g averaged
         # the embedding is averaged only where the method shares it; otherwise each site trained its own
         assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in embed) == shared, name
+
+
+def _captured_losses(trainer: SiteTrainer) -> list[torch.Tensor]:
+    """Make the trainer's optimiser steps record their loss instead of stepping (to differentiate it here)."""
+    losses: list[torch.Tensor] = []
+    trainer.ctx.precision.step = lambda loss, model, optimizer: losses.append(loss)
+    return losses
+
+
+def _perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def test_fedprox_step_adds_a_proximal_gradient_mu_times_the_distance_to_the_global_model(tiny_data):
+    mu = 0.5
+    t = build_trainers("fedprox", tiny_data, make_config("tiny", fedprox_mu=mu), sites=["site-a", "site-b"])[0]
+    t.algorithm.on_round_start(t.ctx, 0)  # the global model as received this round
+    anchor = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    _perturb(t.model)  # as after some local steps
+    losses = _captured_losses(t)
+    image, label = batch(t)
+    t.algorithm.train_step(t.ctx, image, label, 0, 0)
+    names, params = zip(*t.model.named_parameters())
+    full = torch.autograd.grad(losses[0], params)
+    dice_only = torch.autograd.grad(t.algorithm.loss(t.ctx, image, label), params, allow_unused=True)
+    for name, p, g, d in zip(names, params, full, dice_only):
+        expected = mu * (p.detach() - anchor[name])
+        torch.testing.assert_close(g - (d if d is not None else 0), expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ditto_pulls_the_personal_model_toward_the_global_one(tiny_data):
+    lam = 2.0
+    t = build_trainers("ditto", tiny_data, make_config("tiny", ditto_lambda=lam), sites=["site-a", "site-b"])[0]
+    t.algorithm.on_round_start(t.ctx, 0)
+    anchor = {n: p.detach().clone() for n, p in t.model.global_net.named_parameters()}
+    _perturb(t.model.personal_net)  # the personal model has moved away from the global one
+    losses = _captured_losses(t)
+    image, label = batch(t)
+    t.algorithm.train_step(t.ctx, image, label, 0, 0)
+    assert len(losses) == 2  # one step of the global model (plain Dice), one of the personal model
+    names, params = zip(*t.model.personal_net.named_parameters())
+    personal = torch.autograd.grad(losses[1], params)
+    assert all(g is None for g in torch.autograd.grad(losses[0], params, allow_unused=True))  # global step
+    dice = soft_dice_loss(torch.sigmoid(t.model.personal_net(image)), label)
+    dice_grads = torch.autograd.grad(dice, params)
+    for name, p, g, d in zip(names, params, personal, dice_grads):
+        pull = g - d  # the proximal part: lambda (w_personal - w_global), so a descent step moves toward global
+        torch.testing.assert_close(pull, lam * (p.detach() - anchor[name]), rtol=1e-4, atol=1e-6, msg=name)
+    assert any(float((p.detach() - anchor[n]).abs().max()) > 0 for n, p in zip(names, params))

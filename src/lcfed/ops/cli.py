@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lcfed.ops.data.importers import KINDS
     from lcfed.runtime.algorithms import ALGORITHMS
 
-    parser = argparse.ArgumentParser(prog="python -m lcfed", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lcfed",
+        description=__doc__.split("\n")[0],
+        epilog="--verbose (anywhere on the line): show FLARE's whole log and, on failure, the traceback",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="build or import data sets").add_subparsers(dest="data_command", required=True)
@@ -70,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", required=True, help="data set folder (dataset.json + one folder per site)")
     run.add_argument("--workspace", required=True, help="run folder (job, simulator workspace, results)")
     run.add_argument("--parallel", type=int, help="clients run at a time (default: all sites)")
-    run.add_argument("--verbose", action="store_true", help="show the whole FLARE log")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --workspace")
     run.add_argument(
         "--resume",
@@ -140,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
             p.add_argument("--job", help="submit this exported job folder (default: export one for --data)")
             _add_train_options(p)
+        if name in ("run", "start"):
+            p.add_argument(
+                "--start-timeout", type=float, default=300.0, help="seconds to wait for every site to connect"
+            )
         if name == "run":
             p.add_argument("--keep-running", dest="keep_running", action="store_true", help="do not stop the POC")
 
@@ -159,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--data", required=True, help="one data set holding every site's folder")
     dr.add_argument("--job", default="jobs/lcfed", help="exported job folder (default jobs/lcfed)")
     dr.add_argument("--workspace", required=True, help="where the kits are provisioned (a new folder)")
-    dr.add_argument("--timeout", type=float, default=3600.0)
+    dr.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
+    dr.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for every site to connect")
 
     ev = sub.add_parser("evaluate", help="evaluate the personalized checkpoints of a finished simulator run")
     ev.add_argument("--data", required=True)
@@ -262,12 +270,20 @@ def _cmd_poc(args: argparse.Namespace) -> int:
     cmd = args.poc_command
     if cmd == "run":
         poc.run(
-            args.data, args.algo, args.preset, _options(args), args.console, args.timeout, args.keep_running, args.job
+            args.data,
+            args.algo,
+            args.preset,
+            _options(args),
+            args.console,
+            args.timeout,
+            args.keep_running,
+            args.job,
+            start_timeout=args.start_timeout,
         )
     elif cmd == "prepare":
         poc.prepare(args.data)
     elif cmd == "start":
-        poc.start()
+        poc.start(args.start_timeout)
     elif cmd == "submit":
         poc.submit_and_report(args.data, args.algo, args.preset, _options(args), args.console, args.timeout, args.job)
     elif cmd == "status":
@@ -294,52 +310,86 @@ def _cmd_prod(args: argparse.Namespace) -> int:
         for s in job["sites"]:
             production.write_site_config(kits / s, args.data)
         fed = production.Federation(kits, job["sites"], production.project_admin(args.project))
-        fed.dry_run(args.job, args.timeout)
+        fed.dry_run(args.job, args.timeout, args.start_timeout)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from lcfed.runtime.data.layout import DataError
-
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --verbose may stand anywhere on the line (it applies to every command)
+    verbose = "--verbose" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--verbose"])
+    args.verbose = verbose
     try:
-        if args.command == "data":
-            return _cmd_data(args)
-        if args.command == "job":
-            return _cmd_job(args)
-        if args.command == "evaluate":
-            return _cmd_evaluate(args)
-        if args.command == "poc":
-            return _cmd_poc(args)
-        if args.command == "prod":
-            return _cmd_prod(args)
-        if args.command == "bench":
-            from lcfed.ops.bench import run_benchmark
+        return _dispatch(args, argv)
+    except KeyboardInterrupt:
+        print("interrupted; processes this command started were stopped", file=sys.stderr)
+        return 130
+    except Exception as e:  # every failure ends in one sentence and what to do; --verbose adds the traceback
+        if verbose:
+            import traceback
 
-            seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(x) for x in args.seeds.split(",")]
-            algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-            command = "python -m lcfed " + " ".join(sys.argv[1:] if argv is None else argv)
-            run_benchmark(args.data, algos, seeds, args.out, args.preset, _options(args), command=command)
-            return 0
-        if args.command == "run":
-            from lcfed.ops.run import run_and_report
+            traceback.print_exc()
+        print(f"error: {describe_failure(e)}", file=sys.stderr)
+        if not verbose:
+            print("(run the same command with --verbose for the details)", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, FileExistsError, FileNotFoundError)) else 1
 
-            results = run_and_report(
-                args.algo,
-                args.data,
-                args.workspace,
-                args.preset,
-                _options(args),
-                args.parallel,
-                args.verbose,
-                overwrite=args.overwrite,
-                resume=args.resume,
-            )
-            return 0 if results else 1
-    except (DataError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+def describe_failure(e: BaseException) -> str:
+    """One line: what went wrong and, where the cause is known, what to do."""
+    import subprocess
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, subprocess.TimeoutExpired):
+        return (
+            f"`{' '.join(map(str, e.cmd)) if isinstance(e.cmd, (list, tuple)) else e.cmd}` did not finish within "
+            f"{e.timeout:.0f} s; the machine may be busy: try again when it is quieter, or give more time "
+            "(--start-timeout / --timeout)"
+        )
+    if isinstance(e, TimeoutError):
+        return f"{text} (give more time with --timeout)" if "--" not in text else text
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return f"{e.filename}: not found"
+    if isinstance(e, ModuleNotFoundError):
+        return f"{text}: is the environment set up? (bash scripts/setup.sh, then . .venv/bin/activate)"
+    if isinstance(e, (ValueError, RuntimeError, OSError, KeyError)):
+        return text
+    return f"{type(e).__name__}: {text}"
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "data":
+        return _cmd_data(args)
+    if args.command == "job":
+        return _cmd_job(args)
+    if args.command == "evaluate":
+        return _cmd_evaluate(args)
+    if args.command == "poc":
+        return _cmd_poc(args)
+    if args.command == "prod":
+        return _cmd_prod(args)
+    if args.command == "bench":
+        from lcfed.ops.bench import run_benchmark
+
+        seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(x) for x in args.seeds.split(",")]
+        algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+        command = "python -m lcfed " + " ".join(argv)
+        run_benchmark(args.data, algos, seeds, args.out, args.preset, _options(args), command=command)
+        return 0
+    if args.command == "run":
+        from lcfed.ops.run import run_and_report
+
+        results = run_and_report(
+            args.algo,
+            args.data,
+            args.workspace,
+            args.preset,
+            _options(args),
+            args.parallel,
+            args.verbose,
+            overwrite=args.overwrite,
+            resume=args.resume,
+        )
+        return 0 if results else 1
     return 1

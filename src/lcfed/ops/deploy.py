@@ -33,6 +33,10 @@ __all__ = [
     "processes_using",
     "stop_pids",
     "tail_new_lines",
+    "connected_clients",
+    "shared_host_env",
+    "wait_for_sites",
+    "follow_job",
 ]
 
 TERMINAL = ("FINISHED", "ABORTED", "FAILED")
@@ -98,6 +102,85 @@ def submit_with_console(job_dir: str | os.PathLike, admin_kit: str | os.PathLike
             f"the admin console did not accept {job_dir.name}: " + (" | ".join(found[-4:]) or out[-800:])
         )
     return match.group(1)
+
+
+def shared_host_env(n_processes: int) -> dict[str, str]:
+    """Thread limits for FLARE processes that share one host (POC, a loopback dry run).
+
+    Each site's job process would otherwise run torch with as many threads as the host has cores, and
+    several of them oversubscribe the CPU many times over; a real site has its own machine and no limit.
+    """
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, n_processes)))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def connected_clients(username: str, admin_kit: str | os.PathLike) -> list[str] | None:
+    """Names of the clients connected to the server (None while the server does not answer)."""
+    try:
+        sess = _session(username, admin_kit, timeout=10)
+    except Exception:
+        return None
+    try:
+        return [c.name for c in sess.get_system_info().client_info]
+    except Exception:
+        return None
+    finally:
+        sess.close()
+
+
+def wait_for_sites(
+    username: str,
+    admin_kit: str | os.PathLike,
+    sites: list[str],
+    timeout: float,
+    show: Callable[[str], None] = print,
+    every: float = 10.0,
+) -> list[str]:
+    """Wait until every site is connected, saying who has connected so far; raise ``TimeoutError`` naming the rest."""
+    t0 = time.time()
+    last_shown, connected = -every, None
+    while True:
+        connected = connected_clients(username, admin_kit)
+        if connected is not None and set(sites) <= set(connected):
+            show(f"all {len(sites)} sites connected after {time.time() - t0:.0f} s")
+            return connected
+        elapsed = time.time() - t0
+        if elapsed > timeout:
+            missing = sorted(set(sites) - set(connected or []))
+            state = "the server does not answer" if connected is None else f"connected: {sorted(connected)}"
+            raise TimeoutError(
+                f"after {timeout:.0f} s {state}; still missing {missing}. A busy machine starts FLARE slowly: "
+                "give it more time with --start-timeout, or stop other work and try again"
+            )
+        if elapsed - last_shown >= every:
+            last_shown = elapsed
+            state = (
+                "server starting" if connected is None else f"{len(connected)}/{len(sites)} sites {sorted(connected)}"
+            )
+            show(f"waiting for the federation: {state} ({elapsed:.0f} of {timeout:.0f} s)")
+        time.sleep(2.0)
+
+
+def follow_job(
+    username: str,
+    admin_kit: str | os.PathLike,
+    job_id: str,
+    server_log: str | os.PathLike,
+    pattern: re.Pattern[str],
+    show: Callable[[str], None] = print,
+    timeout: float = 3600.0,
+) -> dict[str, Any]:
+    """:func:`wait_for_job`, showing the server log's lines that match ``pattern`` (rounds) as they come."""
+    offset = 0
+
+    def on_poll(meta: dict[str, Any]) -> None:
+        nonlocal offset
+        lines, offset = tail_new_lines(server_log, offset)
+        for line in lines:
+            if pattern.search(line):
+                show(re.sub(r"^.*? - INFO - \[[^\]]*\] - ", "", line))
+
+    return wait_for_job(username, admin_kit, job_id, timeout=timeout, on_poll=on_poll)
 
 
 def wait_for_job(

@@ -190,17 +190,17 @@ def build_job(spec: JobSpec):
     learner = LCFedLearner(**model_args, **run, **pinned, num_threads=spec.num_threads, send_diffs=send_diffs)
     job.to_clients(learner, id="learner")
     job.to_clients(LearnerExecutor(learner_id="learner"), tasks=["train", "validate", "submit_model"])
-    # privacy filters first, then the audit that checks and logs what actually leaves the site
+    # one result chain for every task whose result leaves the site (FLARE refuses overlapping chains): privacy
+    # filters first, then the audit that checks and logs what actually leaves. FLARE's DXO filters skip data
+    # kinds they do not handle, so the validate task's metrics pass the privacy filters untouched.
+    results = ["train", "validate"]
     if excluded:
         # the exact names, not the pattern: FLARE's job export cannot serialize ExcludeVars' compiled regex
-        job.to_clients(ExcludeVars(exclude_vars=excluded), tasks=["train"], filter_type=FilterType.TASK_RESULT)
+        job.to_clients(ExcludeVars(exclude_vars=excluded), tasks=results, filter_type=FilterType.TASK_RESULT)
     if spec.percentile_privacy:
-        job.to_clients(
-            PercentilePrivacy(**spec.percentile_privacy), tasks=["train"], filter_type=FilterType.TASK_RESULT
-        )
-    # one audit for every task whose result leaves the site (one chain per task: FLARE refuses two)
+        job.to_clients(PercentilePrivacy(**spec.percentile_privacy), tasks=results, filter_type=FilterType.TASK_RESULT)
     audit = OutgoingAudit(**model_args, run_name=spec.job_name)
-    job.to_clients(audit, tasks=["train", "validate"], filter_type=FilterType.TASK_RESULT)
+    job.to_clients(audit, tasks=results, filter_type=FilterType.TASK_RESULT)
     job.to_clients(TBWriter(event_type=ANALYTICS_EVENT), id="tb_writer")
     job.to_clients(ConvertToFedEvent(events_to_convert=[ANALYTICS_EVENT], fed_event_prefix="fed."), id="to_fed_event")
     return job

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -22,12 +21,13 @@ from typing import Any
 from lcfed.ops.deploy import (
     admin_env,
     download_result,
+    follow_job,
     processes_using,
+    shared_host_env,
     stop_pids,
     submit_with_api,
     submit_with_console,
-    tail_new_lines,
-    wait_for_job,
+    wait_for_sites,
 )
 from lcfed.ops.jobs import JobSpec, export_job
 from lcfed.ops.provisioning import configure_local_dir
@@ -61,7 +61,8 @@ class PocWorkspace:
 
     # -- environment -------------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
-        extra = {"NVFLARE_POC_WORKSPACE": str(self.poc_dir)}
+        # every site of the POC shares this machine's cores
+        extra = {"NVFLARE_POC_WORKSPACE": str(self.poc_dir), **shared_host_env(len(self.sites()) or 1)}
         # after a site died, FLARE waits this long for the dead site's outcome before it publishes the job's
         # final status (default 900 s); a POC on one workstation needs no such patience
         extra[CLIENT_OUTCOME_WAIT_ENV] = os.environ.get(CLIENT_OUTCOME_WAIT_ENV, "60")
@@ -116,9 +117,20 @@ class PocWorkspace:
     def running(self) -> list[int]:
         return processes_using(self.poc_dir) if self.poc_dir.exists() else []
 
-    def start(self, timeout: float = 120.0) -> list[int]:
-        """Start server and clients (not the admin console); returns their pids."""
-        self._nvflare("poc", "start", "--timeout", str(int(timeout)), timeout=timeout + 60)
+    def start(self, timeout: float = 300.0) -> list[int]:
+        """Start server and clients (not the admin console), showing who has connected; returns their pids.
+
+        A POC whose sites do not all connect within ``timeout`` seconds is stopped again, and the error says
+        which sites were missing.
+        """
+        sites = self.sites()
+        # FLARE's own wait prints nothing and ends in a timeout without saying who is missing: wait here instead
+        self._nvflare("poc", "start", "--no-wait", timeout=120)
+        try:
+            wait_for_sites(POC_ADMIN, self.admin_kit, sites, timeout, self.show)
+        except TimeoutError as e:
+            self.stop()
+            raise RuntimeError(f"the POC did not come up: {e}") from None
         pids = self.running()
         self.show(f"POC started ({len(pids)} processes)")
         return pids
@@ -149,16 +161,7 @@ class PocWorkspace:
     def follow(self, job_id: str, timeout: float = 3600.0) -> dict[str, Any]:
         """Wait for the job, showing the server's round lines as they come."""
         log = self.kit_dir / "server" / job_id / "log.txt"
-        offset = 0
-
-        def on_poll(meta: dict[str, Any]) -> None:
-            nonlocal offset
-            lines, offset = tail_new_lines(log, offset)
-            for line in lines:
-                if PROGRESS.search(line):
-                    self.show(re.sub(r"^.*? - INFO - \[[^\]]*\] - ", "", line))
-
-        return wait_for_job(POC_ADMIN, self.admin_kit, job_id, timeout=timeout, on_poll=on_poll)
+        return follow_job(POC_ADMIN, self.admin_kit, job_id, log, PROGRESS, self.show, timeout)
 
     def download(self, job_id: str) -> Path:
         return download_result(POC_ADMIN, self.admin_kit, job_id, self.root / "downloads")
@@ -258,12 +261,13 @@ class PocWorkspace:
         timeout: float = 3600.0,
         keep_running: bool = False,
         job_dir: str | os.PathLike | None = None,
+        start_timeout: float = 300.0,
     ) -> dict[str, Any]:
         """Prepare, start, submit, wait, download, evaluate, stop (always, unless ``keep_running``)."""
         t0 = time.perf_counter()
         self.prepare(data_dir)
         try:
-            self.start()
+            self.start(start_timeout)
             results = self.submit_and_report(data_dir, algo, preset, options, console, timeout, job_dir)
         finally:
             if not keep_running:

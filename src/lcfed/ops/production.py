@@ -12,15 +12,24 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lcfed.ops.deploy import admin_env, download_result, processes_using, stop_pids, submit_with_console, wait_for_job
-from lcfed.ops.run import RunFailed, job_folder_info, judge_job
+from lcfed.ops.deploy import (
+    admin_env,
+    connected_clients,
+    download_result,
+    follow_job,
+    processes_using,
+    shared_host_env,
+    stop_pids,
+    submit_with_console,
+    wait_for_sites,
+)
+from lcfed.ops.run import PROGRESS, RunFailed, job_folder_info, judge_job
 from lcfed.runtime.data.layout import write_json_atomic
 from lcfed.runtime.fl.site_config import MODELS_DIR, SITE_CONFIG_FILE
 
@@ -84,43 +93,31 @@ class Federation:
     def kit(self, name: str) -> Path:
         return self.kits / name
 
-    def start(self, timeout: float = 90.0) -> list[int]:
-        """Run ``startup/start.sh`` of the server, then of every site; wait until all clients are connected."""
+    def start(self, timeout: float = 300.0) -> list[int]:
+        """Run ``startup/start.sh`` of the server, then of every site; wait until all clients are connected.
+
+        The sites share this machine, so each gets a share of its cores (a real site uses its own).
+        """
+        env = admin_env(shared_host_env(len(self.sites) + 1))
         for name in ["server", *self.sites]:
             subprocess.run(
                 ["bash", str(self.kit(name) / "startup" / "start.sh")],
-                env=admin_env(),
+                env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 timeout=60,
                 check=True,
             )
-            if name == "server":
-                time.sleep(3)
-        deadline = time.time() + timeout
-        connected: list[str] = []
-        while time.time() < deadline:
-            connected = self.connected_clients()
-            if set(self.sites) <= set(connected):
-                break
-            time.sleep(2)
-        else:
-            raise RuntimeError(f"only {connected} of {self.sites} connected within {timeout:.0f} s")
+        try:
+            wait_for_sites(self.admin, self.kit(self.admin), self.sites, timeout, self.show)
+        except TimeoutError as e:
+            raise RuntimeError(f"the federation did not come up: {e}") from None
         pids = self.pids()
         self.show(f"federation up: server and {len(self.sites)} sites ({len(pids)} processes)")
         return pids
 
     def connected_clients(self) -> list[str]:
-        from nvflare.fuel.flare_api.flare_api import new_secure_session
-
-        try:
-            sess = new_secure_session(self.admin, str(self.kit(self.admin)), timeout=10)
-        except Exception:
-            return []
-        try:
-            return [c.name for c in sess.get_system_info().client_info]
-        finally:
-            sess.close()
+        return connected_clients(self.admin, self.kit(self.admin)) or []
 
     def pids(self) -> list[int]:
         return processes_using(self.kits)
@@ -130,7 +127,9 @@ class Federation:
         return submit_with_console(job_dir, self.kit(admin or self.admin))
 
     def wait(self, job_id: str, timeout: float = 1800.0) -> dict[str, Any]:
-        return wait_for_job(self.admin, self.kit(self.admin), job_id, timeout=timeout)
+        """Wait for the job, showing each round as the server aggregates it."""
+        log = self.kit("server") / job_id / "log.txt"
+        return follow_job(self.admin, self.kit(self.admin), job_id, log, PROGRESS, self.show, timeout)
 
     def checkpoints(self, job_name: str) -> dict[str, Path]:
         return {s: self.kit(s) / MODELS_DIR / job_name / "best.pt" for s in self.sites}
@@ -156,10 +155,12 @@ class Federation:
         self.show(f"federation shut down{f' (signalled {signalled})' if signalled else ''}")
         return signalled
 
-    def dry_run(self, job_dir: str | os.PathLike, timeout: float = 1800.0) -> dict[str, Any]:
+    def dry_run(
+        self, job_dir: str | os.PathLike, timeout: float = 1800.0, start_timeout: float = 300.0
+    ) -> dict[str, Any]:
         """Start, then :meth:`run_job`; always shut down."""
         try:
-            self.start()
+            self.start(start_timeout)
             return self.run_job(job_dir, timeout)
         finally:
             self.shutdown()
