@@ -55,7 +55,9 @@ FLARE_CLASSES = (
 
 CLASS_ALLOW_LIST = "class_allow_list"
 ENFORCEMENT = "class_list_enforcement_mode"
+RESOURCES = "resources.json"
 RESOURCES_DEFAULT = "resources.json.default"
+AUTHORIZATION = "authorization.json"
 AUTHORIZATION_DEFAULT = "authorization.json.default"
 # every right of FLARE 2.9's authorization policy; a role given "any" gets these, BYOC excepted
 RIGHTS = (
@@ -157,14 +159,21 @@ def add_byoc_guard(resources_file: str | os.PathLike) -> bool:
 
 
 def configure_local_dir(local_dir: str | os.PathLike, server: bool = False) -> None:
-    """Allow the bundle in one participant's ``local/`` folder, remove BYOC from its policy (if it has one) and,
-    on the server, refuse BYOC jobs at submission."""
+    """Allow the bundle in one participant's ``local/`` folder, remove BYOC from its policy and, on the server,
+    refuse BYOC jobs at submission.
+
+    FLARE reads ``resources.json`` before ``resources.json.default`` (likewise for the authorization policy);
+    a POC writes both, so every one present is edited (the ``.default`` one is created if neither exists).
+    """
     local_dir = Path(local_dir)
-    extend_allow_list(local_dir / RESOURCES_DEFAULT)
-    if (local_dir / AUTHORIZATION_DEFAULT).is_file():
-        remove_byoc(local_dir / AUTHORIZATION_DEFAULT)
-    if server:
-        add_byoc_guard(local_dir / RESOURCES_DEFAULT)
+    resources = [local_dir / n for n in (RESOURCES, RESOURCES_DEFAULT) if (local_dir / n).is_file()]
+    for path in resources or [local_dir / RESOURCES_DEFAULT]:
+        extend_allow_list(path)
+        if server:
+            add_byoc_guard(path)
+    for name in (AUTHORIZATION, AUTHORIZATION_DEFAULT):
+        if (local_dir / name).is_file():
+            remove_byoc(local_dir / name)
 
 
 try:  # the builder needs FLARE's provisioning API; the functions above do not
