@@ -38,7 +38,7 @@ def start_site(data_root: Path | str, workspace: Path, site: str = "site-a", **l
     """Initialise a site's learner the way FLARE does, with the site's local data configuration."""
     (workspace / "local").mkdir(parents=True, exist_ok=True)
     (workspace / "local" / "lcfed_site.json").write_text(json.dumps({"data_root": str(data_root)}))
-    args = dict(algorithm="lcfed", sites=SITES, preset="tiny", in_channels=1, n_classes=2, tb_writer_id="")
+    args = dict(algorithm="lcfed", sites=SITES, preset="tiny", in_channels=1, n_classes=2, tensorboard=False)
     args.update(learner_args)
     return start_learner(LCFedLearner(**args), FakeFLContext(workspace, site))
 

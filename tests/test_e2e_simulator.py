@@ -34,12 +34,15 @@ def test_simulator_run_trains_for_real_and_writes_results(tiny_data2, tmp_path):
     glob = torch.load(ws / "simulator/server/simulate_job/app_server/FL_global_model.pt", weights_only=True)
     assert {k.split("/")[1] for k in glob["params"] if k.startswith("head_bank/")} == set(sites)
     assert not any(k.startswith(("hc.", "head.")) for k in glob["params"])
-    # personalized checkpoints at each site; per-site TensorBoard events on the server
+    # personalized checkpoints and the site's own TensorBoard events at each site; on the server, events of the
+    # validation Dice each site reported (no analytics stream leaves a site beside the audited results)
     for s in sites:
         app = ws / f"models/{s}/lcfed"
         assert (app / "best.pt").is_file() and (app / "last.pt").is_file()
         assert len(json.loads((app / "history.json").read_text())) == 3
         assert any((ws / f"simulator/server/simulate_job/tb_events/{s}").iterdir())
+        assert any((app / "tensorboard").iterdir())
+        assert not (ws / f"simulator/{s}/simulate_job/tb_events").exists()
     # results
     out = ws / "results"
     for name in ("metrics.json", "summary.md", "curves.png", "overlays.png"):

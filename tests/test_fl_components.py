@@ -103,7 +103,7 @@ def test_persistor_initial_model_is_every_sites_initial_shared_model(tiny_data, 
 @pytest.fixture
 def learner(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("LCFED_DATA_ROOT", tiny_data)
-    return start_learner(LCFedLearner(**MODEL_ARGS, tb_writer_id=""), FakeFLContext(tmp_path, "site-a"))
+    return start_learner(LCFedLearner(**MODEL_ARGS, tensorboard=False), FakeFLContext(tmp_path, "site-a"))
 
 
 def train_task(params, round_idx=0, total=2):
@@ -144,7 +144,7 @@ def test_learner_resumes_its_own_state_after_a_restart(learner, tiny_data, tmp_p
     }
     learner.train(train_task(glob, 0), FakeFLContext(tmp_path, "site-a"), Signal())
     before = {k: v.clone() for k, v in learner.trainer.model.state_dict().items()}
-    again = start_learner(LCFedLearner(**MODEL_ARGS, tb_writer_id=""), FakeFLContext(tmp_path, "site-a"))
+    again = start_learner(LCFedLearner(**MODEL_ARGS, tensorboard=False), FakeFLContext(tmp_path, "site-a"))
     assert again.trainer.round == 1 and len(again.round.history) == 1
     for k, v in again.trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -152,14 +152,14 @@ def test_learner_resumes_its_own_state_after_a_restart(learner, tiny_data, tmp_p
 
 def test_learner_refuses_a_site_outside_the_job(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("LCFED_DATA_ROOT", tiny_data)
-    lrn = LCFedLearner(**{**MODEL_ARGS, "sites": ["site-b", "site-c"]}, tb_writer_id="")
+    lrn = LCFedLearner(**{**MODEL_ARGS, "sites": ["site-b", "site-c"]}, tensorboard=False)
     with pytest.raises(ValueError, match="'site-a' is not in the job's site list"):
         start_learner(lrn, FakeFLContext(tmp_path, "site-a"))
 
 
 def test_learner_checks_the_model_against_the_site_data(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("LCFED_DATA_ROOT", tiny_data)
-    lrn = LCFedLearner(**{**MODEL_ARGS, "n_classes": 3}, tb_writer_id="")
+    lrn = LCFedLearner(**{**MODEL_ARGS, "n_classes": 3}, tensorboard=False)
     with pytest.raises(ValueError, match="3 class"):
         start_learner(lrn, FakeFLContext(tmp_path, "site-a"))
 
@@ -202,14 +202,14 @@ def test_an_earlier_run_is_archived_not_overwritten_and_resume_continues_it(lear
     models = tmp_path / "lcfed_models" / "lcfed"
     first_best = (models / "best.pt").read_bytes()
 
-    fresh = start_learner(LCFedLearner(**MODEL_ARGS, tb_writer_id=""), FakeFLContext(tmp_path, "site-a", "job2"))
+    fresh = start_learner(LCFedLearner(**MODEL_ARGS, tensorboard=False), FakeFLContext(tmp_path, "site-a", "job2"))
     assert fresh.trainer.round == 0 and not (models / "best.pt").exists()
     archived = list((models / "previous").glob("*-job1/best.pt"))
     assert len(archived) == 1 and archived[0].read_bytes() == first_best  # nothing saved before is lost
 
     # an explicit resume continues an earlier job's state
     learner.train(train_task(glob, 1), FakeFLContext(tmp_path, "site-a"), Signal())
-    resumed = LCFedLearner(**MODEL_ARGS, tb_writer_id="", resume=True)
+    resumed = LCFedLearner(**MODEL_ARGS, tensorboard=False, resume=True)
     start_learner(resumed, FakeFLContext(tmp_path, "site-a", "job2"))
     assert resumed.trainer.round == 2
 
@@ -270,7 +270,7 @@ def test_a_site_that_refuses_the_job_says_why_in_every_reply(tiny_data, tmp_path
     from lcfed.runtime.fl.controller import REFUSAL_HEADER
 
     monkeypatch.setenv("LCFED_DATA_ROOT", tiny_data)
-    lrn = LCFedLearner(**MODEL_ARGS, tb_writer_id="", bundle_version="0.0.1")
+    lrn = LCFedLearner(**MODEL_ARGS, tensorboard=False, bundle_version="0.0.1")
     lrn.initialize({}, FakeFLContext(tmp_path, "site-a"))  # no exception: the refusal travels to the server
     assert lrn.trainer is None
     reply = lrn.train(train_task({}), FakeFLContext(tmp_path, "site-a"), Signal())

@@ -33,7 +33,6 @@ __all__ = [
 ]
 
 PACKAGE_DIR = Path(lcfed.__file__).resolve().parent
-ANALYTICS_EVENT = "analytix_log_stats"
 DEMO_SITES = ["site-a", "site-b", "site-c", "site-d"]
 
 
@@ -120,9 +119,6 @@ def build_job(spec: JobSpec):
     from nvflare.app_common.executors.learner_executor import LearnerExecutor
     from nvflare.app_common.filters.exclude_vars import ExcludeVars
     from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
-    from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
-    from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
-    from nvflare.app_opt.tracking.tb.tb_writer import TBWriter
     from nvflare.job_config.api import FedJob
     from nvflare.job_config.defs import FilterType
 
@@ -180,7 +176,6 @@ def build_job(spec: JobSpec):
         allow_empty_global_weights=shares_nothing,
     )
     job.to_server(controller, id="controller")
-    job.to_server(TBAnalyticsReceiver(events=["fed." + ANALYTICS_EVENT]), id="tb_receiver")
     # what actually crosses the wire, per site and round (bytes of the serialized task and result)
     job.to_server(TrafficMeter("to_site"), tasks=["train"], filter_type=FilterType.TASK_DATA)
     job.to_server(TrafficMeter("from_site"), tasks=["train"], filter_type=FilterType.TASK_RESULT)
@@ -201,8 +196,8 @@ def build_job(spec: JobSpec):
         job.to_clients(PercentilePrivacy(**spec.percentile_privacy), tasks=results, filter_type=FilterType.TASK_RESULT)
     audit = OutgoingAudit(**model_args, run_name=spec.job_name)
     job.to_clients(audit, tasks=results, filter_type=FilterType.TASK_RESULT)
-    job.to_clients(TBWriter(event_type=ANALYTICS_EVENT), id="tb_writer")
-    job.to_clients(ConvertToFedEvent(events_to_convert=[ANALYTICS_EVENT], fed_event_prefix="fed."), id="to_fed_event")
+    # TensorBoard: each site writes its own events into its models folder (the learner), the server writes what
+    # it received (the aggregator); no analytics stream leaves a site beside the audited task results
     return job
 
 

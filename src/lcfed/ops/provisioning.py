@@ -42,15 +42,12 @@ BUNDLE_CLASSES = (
     "lcfed.runtime.fl.traffic.TrafficMeter",
 )
 
-# FLARE's own classes the jobs name (some are on FLARE's default list already; listed here so that a site
-# whose list was replaced still runs every job option)
+# FLARE's own classes the jobs name (ExcludeVars and PercentilePrivacy are on FLARE's default list already;
+# listed here so that a site whose list was replaced still runs every job option)
 FLARE_CLASSES = (
     "nvflare.app_common.executors.learner_executor.LearnerExecutor",
     "nvflare.app_common.filters.exclude_vars.ExcludeVars",
     "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy",
-    "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
-    "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
-    "nvflare.app_opt.tracking.tb.tb_writer.TBWriter",
 )
 
 CLASS_ALLOW_LIST = "class_allow_list"

@@ -112,11 +112,15 @@ class HeadBankAggregator(ModelAggregator):
             k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in set(self.maths.shared)
         }
         self._t0 = time.perf_counter()
+        self._writers: dict[str, Any] = {}
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)
         if event_type == EventType.START_RUN:
             self._restore(fl_ctx)
+        elif event_type == EventType.END_RUN:
+            for writer in self._writers.values():
+                writer.close()
 
     def _restore(self, fl_ctx: FLContext | None) -> None:
         """Continue a saved run: the head bank, the last global shared model and the round record."""
@@ -216,7 +220,23 @@ class HeadBankAggregator(ModelAggregator):
             + (f"; missing {missing}" if missing else "")
         )
         self._write_record()
+        self._tensorboard(round_idx, dices, mean_dice)
         return FLModel(params_type=ParamsType.FULL, params=params, metrics={"val_dice": mean_dice})
+
+    def _tensorboard(self, round_idx: int | None, dices: dict[str, float], mean_dice: float) -> None:
+        """The validation Dice each site reported, as TensorBoard events in ``<job run folder>/tb_events/<site>``."""
+        if not self.fl_ctx or round_idx is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        app_dir = Path(self.fl_ctx.get_engine().get_workspace().get_app_dir(self.fl_ctx.get_job_id()))
+        for name, value in [*dices.items(), ("mean", mean_dice)]:
+            if np.isnan(value):
+                continue
+            if name not in self._writers:
+                self._writers[name] = SummaryWriter(log_dir=str(app_dir.parent / "tb_events" / name))
+            self._writers[name].add_scalar("val_dice", value, global_step=int(round_idx))
+            self._writers[name].flush()
 
     def record_final_validation(self, scores: dict[str, Any]) -> None:
         """Validation Dice per site of the final model (called by the controller after the last round)."""

@@ -52,7 +52,8 @@ class LCFedLearner(Learner):
         data_root: fallback data location (normally empty; sites configure their own, see
             :mod:`lcfed.runtime.fl.site_config`).
         num_threads: torch CPU threads for this site's process (0 leaves torch's default).
-        tb_writer_id: id of the client's TBWriter component ("" to disable TensorBoard).
+        tensorboard: write TensorBoard events of this site's training (losses, times, validation) into its
+            own models folder (``<models>/<run_name>/tensorboard``); they never leave the site.
         run_name: names the site's model folder ``<models root>/<run_name>/`` (the job name).
         resume: continue from the site's last checkpoint of an earlier job with the same ``run_name``
             (model, personal layers, optimizer, head bank, round); without it an earlier run's files are
@@ -85,7 +86,7 @@ class LCFedLearner(Learner):
         n_classes: int = 1,
         data_root: str = "",
         num_threads: int = 0,
-        tb_writer_id: str = "tb_writer",
+        tensorboard: bool = True,
         run_name: str = "lcfed",
         resume: bool = False,
         send_diffs: bool = False,
@@ -105,7 +106,7 @@ class LCFedLearner(Learner):
         self.n_classes = n_classes
         self.data_root = data_root
         self.num_threads = num_threads
-        self.tb_writer_id = tb_writer_id
+        self.tensorboard = tensorboard
         self.trainer: SiteTrainer | None = None
         self.round: SiteRound | None = None
         self.writer = None
@@ -155,8 +156,10 @@ class LCFedLearner(Learner):
         # the seeded initial model (the server's reference model is the same): base of a head's first difference
         self.initial_state = {k: v.detach().cpu().numpy().copy() for k, v in self.trainer.model.state_dict().items()}
         store = CheckpointStore(models_root(self.site, workspace.get_root_dir()) / self.run_name, fl_ctx.get_job_id())
-        if self.tb_writer_id:
-            self.writer = parts.get(self.tb_writer_id)
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(store.directory / "tensorboard"))
         self.round = SiteRound(self.trainer, store, log=self._log, on_metrics=self._tensorboard)
         self.round.start(resume=self.resume)
         split_sizes = {k: len(v) for k, v in data.splits.items()}
@@ -225,6 +228,8 @@ class LCFedLearner(Learner):
     def finalize(self, fl_ctx: FLContext) -> None:
         if self.round is not None:
             self.round.finish()
+        if self.writer is not None:
+            self.writer.close()
 
     # -- helpers -----------------------------------------------------------------------------------
     def _log(self, message: str) -> None:
@@ -237,6 +242,7 @@ class LCFedLearner(Learner):
         for key, value in scalars.items():
             if key != "total_rounds":
                 self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
 
 
 def read_history(ckpt_dir: str | os.PathLike) -> list[dict[str, Any]]:
