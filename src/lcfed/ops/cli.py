@@ -320,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "--verbose" in argv
     args = build_parser().parse_args([a for a in argv if a != "--verbose"])
     args.verbose = verbose
+    import signal
+
+    # a terminated command still runs its clean-up (a POC or dry run stops the processes it started)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return _dispatch(args, argv)
     except KeyboardInterrupt:
