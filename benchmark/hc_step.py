@@ -72,7 +72,9 @@ def main() -> None:
         head_prob = torch.sigmoid(model.head(feature))
     hc = model.hc
     mass = gaussian_mass()
-    print(f"site {site}, preset {args.preset}: F mean {feature.mean():.3f}, max {feature.max():.3f}; G's mass {mass:.1f}")
+    print(
+        f"site {site}, preset {args.preset}: F mean {feature.mean():.3f}, max {feature.max():.3f}; G's mass {mass:.1f}"
+    )
     for source, prob in (("P = seeded head", head_prob), ("P = ground truth", label.float())):
         # isolated disagreement peaks, as a trained bank gives them: where P departs most from the truth
         peaks = pick_peaks(disagreement_map(head_prob, label.float()[None]))
@@ -85,6 +87,7 @@ def main() -> None:
                 f"{source:17s} {name:20s} inputs max {inputs.abs().max():7.1f}; one Adam step (lr {args.lr:g}) "
                 f"moves the S* logits by mean {step.mean():.3f}, max {step.max():.3f}"
             )
+
 
 if __name__ == "__main__":
     main()
