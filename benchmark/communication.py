@@ -6,7 +6,8 @@ For each algorithm the site's outgoing message is built exactly as the learner b
 shared keys plus the banked head, a WEIGHTS DXO as a FLARE Shareable) and serialized with FLARE's fobs,
 which is what :mod:`lcfed.runtime.fl.traffic` measures on a real run. The message back to a site is the shared
 model plus the head bank (one head per site). ``lcfed bench`` measures the same on the wire at the demo
-preset; this script shows what the paper preset costs.
+preset; this script shows what the paper preset costs. For staged HC the last column is a site's message
+in an HC round (network frozen: the banked head only, see ``Algorithm.head_only``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--classes", type=int, default=2)
-    parser.add_argument("--algos", default="fedavg,fedrep,lcfed,lcfed-private-embedding")
+    parser.add_argument("--algos", default="fedavg,fedrep,lcfed,lcfed-private-embedding,lcfed-pn")
     args = parser.parse_args()
 
     cfg = make_config(args.preset)
@@ -52,7 +53,12 @@ def main() -> None:
                 if algo.contract.is_banked(k):
                     down[bank_key(f"site-{site}", k)] = state[k]
         pcs = sum(v.size for k, v in up.items() if k.startswith("pcs."))
-        rows.append((name, message_bytes(up), message_bytes(down), sum(v.size for v in up.values()), pcs))
+        # the first HC round of the staged schedule, if the algorithm has one
+        hc_round = cfg.rounds
+        hc_up = None
+        if algo.total_rounds(cfg) > cfg.rounds and algo.head_only(cfg, hc_round):
+            hc_up = message_bytes({k: v for k, v in up.items() if algo.contract.is_banked(k)})
+        rows.append((name, message_bytes(up), message_bytes(down), sum(v.size for v in up.values()), pcs, hc_up))
     base_up, base_down = rows[0][1], rows[0][2]
     print(
         f"preset {args.preset} (width {cfg.width}), {args.sites} sites, {args.channels} channel(s), "
@@ -60,12 +66,13 @@ def main() -> None:
     )
     print(
         f"  {'algorithm':23s} {'site->server':>14s} {'vs ' + rows[0][0]:>10s} {'server->site':>14s} "
-        f"{'vs ' + rows[0][0]:>10s} {'values sent':>12s} {'of which PCS':>13s}"
+        f"{'vs ' + rows[0][0]:>10s} {'values sent':>12s} {'of which PCS':>13s} {'HC round site->server':>22s}"
     )
-    for name, up, down, n_values, pcs in rows:
+    for name, up, down, n_values, pcs, hc_up in rows:
+        hc = "-" if hc_up is None else f"{hc_up} B ({hc_up / up:.4%})"
         print(
             f"  {name:23s} {up / 1e3:11.1f} kB {up / base_up - 1:+10.2%} {down / 1e3:11.1f} kB "
-            f"{down / base_down - 1:+10.2%} {n_values:12d} {pcs:13d}"
+            f"{down / base_down - 1:+10.2%} {n_values:12d} {pcs:13d} {hc:>22s}"
         )
 
 

@@ -73,12 +73,16 @@ def test_a_killed_site_fails_the_run_or_is_tolerated_and_rejoins(tiny_data, tmp_
     poc = PocWorkspace(tmp_path / "poc", home=tmp_path / "home", show=_quiet)
     jobs = tmp_path / "jobs"
     common = dict(sites=SITES, preset="tiny", wait_time_after_min_received=3, round_timeout=30)
-    strict = export_job(JobSpec(name="strict", options={"rounds": 6}, **common), jobs)
-    tolerant = export_job(JobSpec(name="tolerant", options={"rounds": 6}, min_clients=2, **common), jobs / "t6")
+    # network rounds only (hc_rounds 0): the round counts below are the jobs' FLARE rounds
+    strict = export_job(JobSpec(name="strict", options={"rounds": 6, "hc_rounds": 0}, **common), jobs)
+    tolerant = export_job(
+        JobSpec(name="tolerant", options={"rounds": 6, "hc_rounds": 0}, min_clients=2, **common), jobs / "t6"
+    )
     # the resumed job waits for late sites (a site's first round after a restart includes its start-up)
     patient = {**common, "wait_time_after_min_received": 90}
     resumed = export_job(
-        JobSpec(name="tolerant", options={"rounds": 8}, min_clients=2, resume=True, **patient), jobs / "t8"
+        JobSpec(name="tolerant", options={"rounds": 8, "hc_rounds": 0}, min_clients=2, resume=True, **patient),
+        jobs / "t8",
     )
     poc.prepare(tiny_data)
     try:

@@ -20,8 +20,8 @@ def quiet(_: str) -> None:
 
 def test_simulator_run_trains_for_real_and_writes_results(tiny_data2, tmp_path):
     ws = tmp_path / "run"
-    # 3 rounds: staged HC trains the network in rounds 0-1 and only HC in round 2
-    results = run_and_report("lcfed", tiny_data2, ws, preset="tiny", options={"rounds": 3}, show=quiet)
+    # 2 network rounds (0-1), then staged HC adds hc_rounds (tiny: 1) in which only HC trains (round 2)
+    results = run_and_report("lcfed", tiny_data2, ws, preset="tiny", options={"rounds": 2}, show=quiet)
     sites = ["site-a", "site-b"]
     # every round aggregated both sites; the global shared model moved in every network round
     record = json.loads((ws / "simulator/server/simulate_job/app_server" / ROUNDS_FILE).read_text())
@@ -30,6 +30,8 @@ def test_simulator_run_trains_for_real_and_writes_results(tiny_data2, tmp_path):
         assert sorted(r["sites"]) == sites
         assert r["n_shared_keys"] > 0 and r["n_bank_keys"] == 2 * len(sites)
     assert [r["shared_change"] > 0 for r in record["rounds"]] == [True, True, False]  # frozen in the HC round
+    # in the HC round each site sent its head only, not the frozen body
+    assert [r["sites"]["site-a"]["n_keys"] for r in record["rounds"]][2] == 2
     # the server keeps the shared model and the head bank, never HC
     glob = torch.load(ws / "simulator/server/simulate_job/app_server/FL_global_model.pt", weights_only=True)
     assert {k.split("/")[1] for k in glob["params"] if k.startswith("head_bank/")} == set(sites)

@@ -85,6 +85,48 @@ def test_aggregator_rejects_a_result_that_breaks_the_contract_naming_the_site():
         agg.accept_model(result("intruder", 0.0))
 
 
+def test_aggregator_keeps_the_global_model_in_head_only_rounds_and_refuses_a_mix():
+    """Staged HC rounds: every site sends only its head; the global shared model stays as it was."""
+    agg = HeadBankAggregator(**MODEL_ARGS)
+    agg.reset_stats()
+    for i, s in enumerate(SITES):
+        agg.accept_model(result(s, float(i)))
+    first = agg.aggregate_model().params
+    heads = {k: v for k, v in outgoing_like(5.0).items() if k.startswith("head.")}
+    agg.reset_stats()
+    for s in SITES:
+        agg.accept_model(result(s, 5.0, heads))
+    second = agg.aggregate_model().params
+    shared = [k for k in first if not k.startswith(BANK_PREFIX)]
+    assert shared and all(np.array_equal(first[k], second[k]) for k in shared)
+    assert all(np.all(second[bank_key(s, "head.weight")] == 5.0) for s in SITES)
+    assert agg.rounds[-1]["shared_change"] == 0.0
+    assert {s: v["n_keys"] for s, v in agg.rounds[-1]["sites"].items()} == {s: 2 for s in SITES}
+    agg.reset_stats()
+    agg.accept_model(result("site-a", 1.0))
+    agg.accept_model(result("site-b", 1.0, heads))
+    agg.accept_model(result("site-c", 1.0))
+    with pytest.raises(ContractViolation, match=r"\['site-b'\] sent only their head"):
+        agg.aggregate_model()
+
+
+@pytest.mark.parametrize("algorithm", ["fedbn", "lcfed-pn", "lcfed-pn-no-hc"])
+def test_aggregator_refuses_site_local_normalisation_state(algorithm):
+    args = {**MODEL_ARGS, "algorithm": algorithm}
+    algo, model, _ = reference_model(**args)
+    state = model.state_dict()
+    sent = {k: v.numpy() for k, v in algo.contract.select_outgoing(state).items()}
+    assert sent and not any(".norm." in k for k in sent)
+    agg = HeadBankAggregator(**args)
+    agg.reset_stats()
+    agg.accept_model(result("site-a", 0.0, sent))  # the contract's own message passes
+    leaking = dict(sent)
+    key = next(k for k in state if k.endswith(".norm.running_mean"))
+    leaking[key] = state[key].numpy()
+    with pytest.raises(ContractViolation, match=f"site 'site-b'.*{key}"):
+        agg.accept_model(result("site-b", 0.0, leaking))
+
+
 def test_persistor_initial_model_is_every_sites_initial_shared_model(tiny_data, tmp_path):
     """The server's round-0 global model equals the shared part of the model each site builds by itself."""
     from nvflare.app_common.abstract.model import ModelLearnableKey

@@ -36,7 +36,10 @@ def test_instance_norm_holds_no_parameters():
     assert any(k.endswith(".norm.running_mean") for k in bn.state_dict())
 
 
-@pytest.mark.parametrize("other", ["lcfed-no-pcs", "lcfed-no-hc", "fedavg", "fedbn", "fedrep", "ditto", "local"])
+@pytest.mark.parametrize(
+    "other",
+    ["lcfed-no-pcs", "lcfed-no-hc", "lcfed-pn", "lcfed-pn-no-hc", "fedavg", "fedbn", "fedrep", "ditto", "local"],
+)
 def test_same_seed_same_initial_body_for_every_algorithm(other):
     """A paired benchmark: at one seed every algorithm starts from the same U-Net body and head."""
     from lcfed.runtime.algorithms import ModelSpec
@@ -149,6 +152,12 @@ def test_contrastive_value_is_minus_mean_mse_to_other_sites():
             | {"pcs.embed.0.weight", "pcs.embed.2.weight"},
             {"head.weight", "head.bias"},
         ),
+        (
+            "lcfed-pn",
+            {"head.weight", "head.bias", "hc.trained", "hc.conv.weight", "hc.conv.bias"} | {"<every .norm. key>"},
+            {"head.weight", "head.bias"},
+        ),
+        ("lcfed-pn-no-hc", {"head.weight", "head.bias"} | {"<every .norm. key>"}, set()),
         ("fedavg", set(), set()),
         ("fedavg-bn", set(), set()),
     ],
@@ -159,6 +168,10 @@ def test_personal_key_set(name, personal, banked):
     algo = get_algorithm(name)
     model = algo.build_model(ModelSpec(1, 2, 3, 4))
     keys = list(model.state_dict())
+    if "<every .norm. key>" in personal:
+        norms = {k for k in keys if ".norm." in k}
+        assert any(k.endswith(".norm.running_mean") for k in norms) and any(k.endswith(".norm.bias") for k in norms)
+        personal = (personal - {"<every .norm. key>"}) | norms
     assert {k for k in keys if algo.contract.is_personal(k)} == personal
     assert set(algo.contract.banked_keys(keys)) == banked
     # what leaves the site: every shared key and the banked head, never a private key
@@ -170,13 +183,31 @@ def test_personal_key_set(name, personal, banked):
     assert pcs - outgoing == kept_home
 
 
-def test_fedbn_keeps_batchnorm_at_the_site_and_fedavg_bn_averages_it():
+def test_fedbn_and_lcfed_pn_keep_batchnorm_at_the_site_and_fedavg_bn_averages_it():
     from lcfed.runtime.algorithms import ModelSpec
 
-    for name, bn_personal in (("fedbn", True), ("fedavg-bn", False)):
+    for name, bn_personal in (("fedbn", True), ("fedavg-bn", False), ("lcfed-pn", True), ("lcfed-pn-no-hc", True)):
         algo = get_algorithm(name)
         keys = list(algo.build_model(ModelSpec(1, 2, 3, 4)).state_dict())
         norm = [k for k in keys if ".norm." in k]
         assert any(k.endswith("running_var") for k in norm) and any(k.endswith(".norm.weight") for k in norm)
         assert all(algo.contract.is_personal(k) == bn_personal for k in norm), name
-        assert all(algo.contract.is_shared(k) for k in keys if ".conv." in k), name
+        body_convs = [k for k in keys if ".conv." in k and k.startswith(("encoder.", "decoder."))]
+        assert body_convs and all(algo.contract.is_shared(k) for k in body_convs), name
+
+
+def test_pcs_attention_is_fp32_under_bf16_autocast():
+    """The contrastive term compares near-equal attentions of different sites: they are computed in fp32."""
+    torch.manual_seed(0)
+    pcs = PersonalizedChannelSelection(32, n_sites=3, reduction=4)
+    f = torch.randn(2, 32, 4, 4).bfloat16()
+    site = torch.tensor([1, 1])
+    reference = pcs.attention(f.float(), site)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        m = pcs.attention(f, site)
+        gated, _ = pcs(f, site)
+        con = contrastive_site_loss(pcs, f, site=1)
+    assert m.dtype == torch.float32 and torch.equal(m, reference)
+    assert gated.dtype == torch.bfloat16  # the decoder keeps running in low precision
+    assert con.dtype == torch.float32
+    torch.testing.assert_close(con, contrastive_site_loss(pcs, f.float(), site=1), rtol=0, atol=0)

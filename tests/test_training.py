@@ -74,12 +74,13 @@ def test_shared_iterations_leave_the_head_unchanged(trainer):
 
 
 def test_staged_schedule_trains_only_hc_after_start_round(tiny_data):
-    cfg = make_config("tiny", rounds=4, hc_start_fraction=0.5)
+    cfg = make_config("tiny", rounds=2, hc_rounds=2)
     data = load_site(tiny_data, "site-b", cfg.size)
     t = SiteTrainer(get_algorithm("lcfed"), cfg, data, ["site-a", "site-b", "site-c"], "site-b")
+    assert t.total_rounds == 4 and cfg.hc_start_round == 2  # the HC rounds come after the network budget
     image, label = batch(t)
     assert not bool(t.model.hc.trained)
-    t.algorithm.train_step(t.ctx, image, label, iteration=5, round_idx=1)  # before hc_start_round = 2
+    t.algorithm.train_step(t.ctx, image, label, iteration=5, round_idx=1)  # the last network round
     assert not bool(t.model.hc.trained)  # the prediction is still P_i
     net = snapshot(t.model, (*BODY, "head."))
     hc = snapshot(t.model, ("hc.conv",))
@@ -95,6 +96,110 @@ def test_staged_schedule_trains_only_hc_after_start_round(tiny_data):
     assert changed(net, t.model) == set()
     assert changed(hc, t.model) == set(hc)
     assert bool(t.model.hc.trained)
+
+
+def test_hc_rounds_default_to_a_quarter_of_the_network_rounds_and_only_staged_hc_adds_them():
+    assert [make_config(p).hc_stage_rounds for p in ("paper", "demo", "tiny")] == [75, 4, 1]
+    assert make_config("demo", rounds=48).hc_stage_rounds == 12  # follows an overridden budget
+    assert make_config("demo", hc_rounds=0).hc_stage_rounds == 0
+    cfg = make_config("demo")
+    totals = {name: get_algorithm(name).total_rounds(cfg) for name in ("lcfed", "lcfed-pn", "lcfed-joint")}
+    assert totals == {"lcfed": 20, "lcfed-pn": 20, "lcfed-joint": 16}
+    # every other algorithm trains its network for exactly `rounds`
+    for name in ("lcfed-no-hc", "lcfed-pn-no-hc", "fedrep", "fedavg", "fedbn", "ditto", "local"):
+        assert get_algorithm(name).total_rounds(cfg) == 16, name
+    with pytest.raises(ValueError, match="hc_rounds"):
+        make_config("demo", hc_rounds=-1)
+    with pytest.raises(ValueError, match="hc_start_fraction"):
+        make_config("demo", hc_start_fraction=0.75)  # replaced by hc_rounds: an old option fails loudly
+
+
+def test_hc_has_its_own_learning_rate(tiny_data):
+    data = load_site(tiny_data, "site-a", 32)
+    for hc_lr, expected in ((None, 1e-3), (3e-3, 3e-3)):
+        cfg = make_config("tiny", hc_lr=hc_lr)
+        t = SiteTrainer(get_algorithm("lcfed"), cfg, data, ["site-a", "site-b", "site-c"], "site-a")
+        lrs = {name: opt.param_groups[0]["lr"] for name, opt in t.ctx.optimizers.items()}
+        assert lrs == {"body": 1e-3, "head": 1e-3, "hc": expected}
+
+
+def test_hc_rounds_send_only_the_head_and_the_server_keeps_the_global_model(tiny_data):
+    """Staged HC: a site sends its head only; the server's shared model stays what it was."""
+    cfg = make_config("tiny", rounds=1, hc_rounds=1, iterations=2, personal_iterations=1)
+    trainers = build_trainers("lcfed", tiny_data, cfg)
+    agg = HeadBankAggregation(trainers[0].contract, trainers[0].model_keys())
+    sizes = {}
+    for r in range(trainers[0].total_rounds):
+        agg.reset()
+        for t in trainers:
+            t.train_round(r)
+            sent = t.outgoing()
+            sizes.setdefault(r, sum(v.nbytes for v in sent.values()))
+            agg.accept(t.site, sent)
+        merged = agg.result()
+        if r == 0:
+            network_round = merged
+            assert set(sent) == {k for k in t.model_keys() if not k.startswith("hc.")}
+        for t in trainers:
+            t.receive(merged, r + 1)
+    assert set(sent) == {"head.weight", "head.bias"}  # the HC round's message
+    shared = trainers[0].contract.shared_keys(trainers[0].model_keys())
+    assert shared and all(np.array_equal(merged[k], network_round[k]) for k in shared)
+    assert {k for k in merged if k.startswith(BANK_PREFIX)} == {k for k in network_round if k.startswith(BANK_PREFIX)}
+    # the HC round's message is the head: a few hundred bytes of values against the whole body
+    head_bytes = sum(p.numel() * 4 for p in trainers[0].model.head.parameters())
+    assert sizes[1] == head_bytes and sizes[0] > 100 * sizes[1]
+    # the trainer refuses a head-only message in a network round and a full one in an HC round
+    t = trainers[0]
+    with pytest.raises(ContractViolation, match="missing"):
+        t.contract.check_outgoing(["head.weight", "head.bias"], t.model_keys(), t.site)
+    with pytest.raises(ContractViolation, match="only its head"):
+        t.contract.check_outgoing(t.contract.outgoing_keys(t.model_keys()), t.model_keys(), t.site, head_only=True)
+
+
+def test_batchnorm_is_frozen_in_the_hc_rounds_of_lcfed_pn(tiny_data):
+    cfg = make_config("tiny", rounds=1, hc_rounds=1)
+    t = build_trainers("lcfed-pn", tiny_data, cfg, sites=["site-a", "site-b", "site-c"])[0]
+    t.train_round(0)
+    norms = snapshot(t.model, ("encoder.", "decoder."))
+    assert any(k.endswith(".norm.running_mean") for k in norms)
+    t.train_round(1)  # HC only: the network, running statistics included, is frozen
+    assert changed(norms, t.model) == set()
+    assert bool(t.model.hc.trained) and t.model.training
+
+
+def test_aggregation_of_head_only_rounds_keeps_the_shared_model_and_refuses_a_mix():
+    shapes = model_shapes()
+    contract = get_algorithm("lcfed").contract
+    outgoing = {k: s for k, s in shapes.items() if k in set(contract.outgoing_keys(shapes))}
+    heads = {k: s for k, s in shapes.items() if contract.is_banked(k)}
+    shared = contract.shared_keys(shapes)
+    agg = HeadBankAggregation(contract, shapes)
+    # no global model known yet: a head-only round has nothing to keep
+    agg.accept("a", fake_result(heads, 1.0))
+    with pytest.raises(RuntimeError, match="no previous global shared model"):
+        agg.result()
+    agg.reset()
+    for i, site in enumerate(["a", "b"]):
+        agg.accept(site, fake_result(outgoing, float(i)))
+    first = agg.result()
+    agg.reset()
+    for i, site in enumerate(["a", "b"]):
+        agg.accept(site, fake_result(heads, 10.0 + i))
+    second = agg.result()
+    assert all(np.array_equal(second[k], first[k]) for k in shared)  # unchanged
+    assert np.all(second[bank_key("b", "head.weight")] == 11.0)  # the bank takes the new heads
+    # a caller's previous global model wins over the remembered one
+    agg.reset()
+    agg.accept("a", fake_result(heads, 0.0))
+    prev = {k: np.full(shapes[k], 7.0, np.float32) for k in shared}
+    assert all(np.all(v == 7.0) for k, v in agg.result(previous=prev).items() if k in set(shared))
+    # some sites frozen, others not: refused, naming them
+    agg.reset()
+    agg.accept("a", fake_result(outgoing, 0.0))
+    agg.accept("b", fake_result(heads, 0.0))
+    with pytest.raises(ContractViolation, match=r"\['b'\] sent only their head while \['a'\]"):
+        agg.result()
 
 
 def test_outgoing_is_shared_plus_head_never_hc(trainer):

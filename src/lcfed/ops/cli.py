@@ -21,7 +21,7 @@ __all__ = ["main", "build_parser"]
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("rounds", "iterations", "seed", "batch_size", "lr", "alpha")
+    keys = ("rounds", "iterations", "seed", "batch_size", "lr", "alpha", "hc_rounds", "hc_lr", "personal_iterations")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -29,7 +29,22 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     from lcfed.runtime.config import PRESETS
 
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model/schedule preset (default: demo)")
-    p.add_argument("--rounds", type=int, help="federated rounds (default: the preset's)")
+    p.add_argument(
+        "--rounds", type=int, help="federated rounds of network training, for every algorithm (default: the preset's)"
+    )
+    p.add_argument(
+        "--hc-rounds",
+        dest="hc_rounds",
+        type=int,
+        help="staged HC: HC-only rounds after --rounds, network frozen (default: a quarter of --rounds)",
+    )
+    p.add_argument("--hc-lr", dest="hc_lr", type=float, help="Adam learning rate of Head Calibration (default: --lr)")
+    p.add_argument(
+        "--personal-iterations",
+        dest="personal_iterations",
+        type=int,
+        help="head-only iterations at the start of each round (default: the preset's)",
+    )
     p.add_argument("--iterations", type=int, help="local iterations per round (default: the preset's)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="batch size")
     p.add_argument("--lr", type=float, help="Adam learning rate")

@@ -35,17 +35,19 @@ def build_trainers(
 
 def run_federation(
     trainers: list[SiteTrainer],
-    rounds: int,
+    rounds: int | None = None,
     weighting: str = "uniform",
     log: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
-    """Run ``rounds`` rounds; returns per-round records with each site's validation Dice.
+    """Run ``rounds`` rounds (default: the algorithm's whole run, staged HC rounds included); returns
+    per-round records with each site's validation Dice.
 
     Each site runs the same :class:`~lcfed.runtime.site_round.SiteRound` as under FLARE (without
     checkpoints on disk); this loop plays the server: it sends the global model and head bank, collects
     the replies and aggregates them with the same maths as FLARE's aggregator.
     """
     first = trainers[0]
+    rounds = first.total_rounds if rounds is None else rounds
     agg = HeadBankAggregation(first.contract, first.model_keys(), weighting)
     # every site starts from the same seeded model, so the first site's shared part is the global init
     global_params: dict[str, Any] = {

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lcfed
-from lcfed.runtime.algorithms import BASELINES, LCFED_VARIANTS
+from lcfed.runtime.algorithms import BASELINES, LCFED_VARIANTS, get_algorithm
 from lcfed.runtime.config import make_config
 
 __all__ = [
@@ -91,7 +91,8 @@ class JobSpec:
 
     @property
     def rounds(self) -> int:
-        return make_config(self.preset, **self.options).rounds
+        """FLARE rounds of the job: ``rounds`` of network training, plus the HC rounds of staged HC."""
+        return get_algorithm(self.algorithm).total_rounds(make_config(self.preset, **self.options))
 
 
 def _excluded_keys(spec: JobSpec) -> list[str]:

@@ -26,6 +26,11 @@ class HeadBankAggregation:
     site under ``head_bank/<site>/<key>``. Sites that did not report this round keep their last head
     in the bank (stale) unless ``drop_stale_heads``.
 
+    A round in which every site sent only its head (LC-Fed's staged HC rounds: the network is frozen)
+    keeps the global shared model unchanged: ``previous`` if given, else this object's last result. A
+    round in which some sites sent the shared model and others only their head is refused: the sites
+    disagree about the phase of the run, and averaging over a subset would be silently wrong.
+
     Args:
         contract: the algorithm's personal-key contract.
         expected_keys: every key of the site model (the contract decides which of them may arrive).
@@ -54,6 +59,8 @@ class HeadBankAggregation:
         self.drop_stale_heads = drop_stale_heads
         self.allow_missing_shared = allow_missing_shared
         self.head_bank: dict[str, dict[str, np.ndarray]] = {}
+        # the last aggregated shared model: what a head-only round keeps when the caller passes no previous
+        self._last_shared: dict[str, np.ndarray] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -70,7 +77,7 @@ class HeadBankAggregation:
             raise ContractViolation("a result arrived without the name of the site that sent it")
         if site in self._results:
             raise ContractViolation(f"site {site!r} sent two results in one round")
-        self.contract.check_outgoing(params.keys(), self.model_keys, site, self.allow_missing_shared)
+        self.contract.check_outgoing(params.keys(), self.model_keys, site, self.allow_missing_shared, head_only=None)
         arrays = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
         bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
         if bad:
@@ -83,11 +90,25 @@ class HeadBankAggregation:
     def result(self, previous: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
         """The averaged shared parameters plus the head bank. Raises when no result arrived.
 
-        ``previous`` (the global model sent this round) fills shared keys that no site sent.
+        ``previous`` (the global model sent this round) fills shared keys that no site sent, and is the
+        whole shared model of a head-only round (default: the last result of this object).
         """
         if not self._results:
             raise RuntimeError("no client result arrived this round: nothing to aggregate")
         sites = sorted(self._results)  # fixed order: the same inputs give bit-identical averages
+        head_only = [s for s in sites if self.contract.banked and self.contract.is_head_only(self._results[s][0])]
+        if head_only and len(head_only) < len(sites):
+            full = sorted(set(sites) - set(head_only))
+            raise ContractViolation(
+                f"sites {head_only} sent only their head while {full} sent the shared model in the same round: "
+                "the sites disagree about whether the network is frozen (different hc_rounds/rounds options?)"
+            )
+        if head_only:
+            previous = previous if previous is not None else self._last_shared
+            if previous is None or any(k not in previous for k in self.shared):
+                raise RuntimeError(
+                    "every site sent only its head this round, and there is no previous global shared model to keep"
+                )
         out: dict[str, np.ndarray] = {}
         for key in self.shared:
             senders = [s for s in sites if key in self._results[s][0]]
@@ -102,6 +123,7 @@ class HeadBankAggregation:
                 arrays, w = self._results[s]
                 acc += arrays[key].astype(np.float64) * (w / total)
             out[key] = acc.astype(np.float32)
+        self._last_shared = {k: out[k] for k in self.shared}
         if self.drop_stale_heads:
             self.head_bank = {}
         for s in sites:

@@ -22,13 +22,15 @@ class TrainConfig:
         size: working image size (square), images are resized to size x size.
         batch_size: samples per iteration.
         iterations: local iterations per round.
-        rounds: federated rounds.
+        rounds: federated rounds of network training; the same budget for every algorithm.
         personal_iterations: FedRep-style alternation: the first iterations of a round update only the
             personal parameters (LC-Fed, FedRep); the rest only the shared ones.
         lr: Adam learning rate (constant; betas 0.9, 0.999).
         alpha: weight of the contrastive site-embedding term.
-        hc_start_fraction: for the "staged" HC schedule, HC-only training starts at
-            round ``int(hc_start_fraction * rounds)``.
+        hc_rounds: for the "staged" HC schedule, rounds of HC-only training (network frozen) added after
+            the ``rounds`` network rounds; ``None`` = a quarter of ``rounds``, rounded up (paper 300 -> 75,
+            demo 16 -> 4, tiny 2 -> 1). Algorithms without staged HC ignore it.
+        hc_lr: Adam learning rate of Head Calibration; ``None`` = ``lr``.
         fedprox_mu: proximal weight of FedProx.
         ditto_lambda: proximal weight of Ditto's personal model.
         seed: seed of initialisation, sampling and the data split.
@@ -45,16 +47,36 @@ class TrainConfig:
     personal_iterations: int = 4
     lr: float = 1e-3
     alpha: float = 0.1
-    hc_start_fraction: float = 0.75
+    hc_rounds: int | None = None
+    hc_lr: float | None = None
     fedprox_mu: float = 0.01
     ditto_lambda: float = 0.1
     seed: int = 0
     amp: bool = True
     eval_batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.hc_rounds is not None and self.hc_rounds < 0:
+            raise ValueError(f"hc_rounds must be >= 0 (or None for a quarter of rounds), got {self.hc_rounds}")
+        if self.hc_lr is not None and not self.hc_lr > 0:
+            raise ValueError(f"hc_lr must be > 0 (or None for lr), got {self.hc_lr}")
+
+    @property
+    def hc_stage_rounds(self) -> int:
+        """Rounds of the staged HC stage (``hc_rounds``, default a quarter of ``rounds`` rounded up)."""
+        return -(-self.rounds // 4) if self.hc_rounds is None else self.hc_rounds
+
     @property
     def hc_start_round(self) -> int:
-        return int(self.hc_start_fraction * self.rounds)
+        """First round of the staged HC stage: right after the ``rounds`` network rounds."""
+        return self.rounds
+
+    @property
+    def hc_learning_rate(self) -> float:
+        """Adam learning rate of Head Calibration."""
+        return self.lr if self.hc_lr is None else self.hc_lr
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

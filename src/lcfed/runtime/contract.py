@@ -9,6 +9,10 @@ use the same object; nothing else decides what leaves a hospital.
 - banked: the personal keys a site sends so that the server can hand every site the heads of all
   sites (LC-Fed's head bank). Matches ``banked`` (must be personal too). Never averaged.
 - private: personal and not banked (e.g. LC-Fed's Head Calibration). Never leaves the site.
+
+A site's message is either complete (every shared key plus its banked keys) or, in rounds where its
+shared part cannot have changed (LC-Fed's staged HC rounds, network frozen), head-only: exactly its
+banked keys. The server then keeps the global shared model (see :mod:`lcfed.runtime.aggregation`).
 """
 
 from __future__ import annotations
@@ -77,33 +81,57 @@ class KeyContract:
         """The keys a site sends: shared plus banked, in the given order."""
         return [k for k in keys if self.is_shared(k) or self.is_banked(k)]
 
+    def is_head_only(self, sent: Iterable[str]) -> bool:
+        """Whether a message carries no shared key (a head-only message, or nothing at all)."""
+        return not any(self.is_shared(k) for k in sent)
+
     def check_outgoing(
-        self, sent: Iterable[str], model_keys: Iterable[str], site: str = "?", allow_missing_shared: bool = False
+        self,
+        sent: Iterable[str],
+        model_keys: Iterable[str],
+        site: str = "?",
+        allow_missing_shared: bool = False,
+        head_only: bool | None = False,
     ) -> None:
         """Raise :class:`ContractViolation` unless ``sent`` is exactly the outgoing key set of the model.
 
         ``allow_missing_shared`` tolerates shared keys that a privacy filter (e.g. FLARE's ``ExcludeVars``)
         removed; banked keys must always be complete and nothing outside the outgoing set may appear.
+        ``head_only``: ``False`` expects a complete message, ``True`` exactly the banked keys (a site in a
+        round where its shared part is frozen), ``None`` either, decided by whether any shared key was sent
+        (the server, which checks each message on its own).
         """
         sent = set(sent)
         model_keys = list(model_keys)
-        expected = set(self.outgoing_keys(model_keys))
+        if head_only is None:
+            head_only = bool(self.banked) and self.is_head_only(sent)
+        if head_only and not self.banked:
+            raise ContractViolation(
+                f"site {site!r}: a head-only message needs banked keys, but this contract banks none "
+                f"(personal={self.personal!r})"
+            )
+        expected = set(self.banked_keys(model_keys) if head_only else self.outgoing_keys(model_keys))
         missing = sorted(expected - sent)
         if allow_missing_shared:
             missing = [k for k in missing if not self.is_shared(k)]
         extra = sorted(sent - expected)
         if missing or extra:
-            private = sorted(k for k in extra if k in set(model_keys))
+            known = set(model_keys)
+            shared_extra = sorted(k for k in extra if k in known and self.is_shared(k))
+            private = sorted(k for k in extra if k in known and not self.is_shared(k))
             parts = []
+            if shared_extra:
+                parts.append(f"shared keys in a round where the site sends only its head: {shared_extra[:5]}")
             if private:
                 parts.append(f"keys that must never leave the site: {private[:5]}")
-            unknown = sorted(set(extra) - set(private))
+            unknown = sorted(set(extra) - known)
             if unknown:
                 parts.append(f"unknown keys: {unknown[:5]}")
             if missing:
                 parts.append(f"missing keys: {missing[:5]}")
+            kind = "head-only " if head_only else ""
             raise ContractViolation(
-                f"site {site!r} sent a key set that breaks the personal-key contract "
+                f"site {site!r} sent a {kind}key set that breaks the personal-key contract "
                 f"(personal={self.personal!r}, banked={self.banked!r}): " + "; ".join(parts)
             )
 

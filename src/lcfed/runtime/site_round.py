@@ -205,7 +205,7 @@ class SiteRound:
         self.log(f"site {self.site} round {round_idx + 1}/{total}: {losses}; train {stats['train_time']:.1f} s")
         self._metrics({k: v for k, v in stats.items() if k not in ("round", "aborted", "steps")}, round_idx)
         return RoundReply(
-            params=trainer.outgoing(),
+            params=trainer.outgoing(round_idx),
             steps=int(stats["steps"]),
             n_train=trainer.data.n_train,
             val_dice=None if evaluated is None else float(evaluated["dice"]),

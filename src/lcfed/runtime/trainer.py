@@ -99,7 +99,7 @@ class SiteTrainer:
         seed_everything(config.seed)
         model = algorithm.build_model(spec).to(self.device)
         optimizers = {
-            name: torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999))
+            name: torch.optim.Adam(params, lr=algorithm.learning_rate(name, config), betas=(0.9, 0.999))
             for name, params in algorithm.param_groups(model).items()
             if params
         }
@@ -162,10 +162,22 @@ class SiteTrainer:
         if shared and (round_idx is None or self.algorithm.merges_global(self.config, round_idx)):
             self.model.load_state_dict(shared, strict=False)
 
-    def outgoing(self) -> dict[str, np.ndarray]:
-        """What leaves the site: the shared parameters plus the banked head, as float32 numpy arrays."""
-        out = self.algorithm.outgoing_state(self.ctx)
-        self.contract.check_outgoing(out, self.model_keys(), self.site)
+    @property
+    def total_rounds(self) -> int:
+        """Rounds of the whole run for this algorithm (network rounds plus, e.g., staged HC rounds)."""
+        return self.algorithm.total_rounds(self.config)
+
+    def outgoing(self, round_idx: int | None = None) -> dict[str, np.ndarray]:
+        """What leaves the site after ``round_idx`` (default: the last trained round), as float32 numpy arrays.
+
+        The shared parameters plus the banked head; in the algorithm's head-only rounds (LC-Fed's staged HC,
+        network frozen) the banked head alone.
+        """
+        r = self.round - 1 if round_idx is None else round_idx
+        out = self.algorithm.outgoing_state(self.ctx, r)
+        self.contract.check_outgoing(
+            out, self.model_keys(), self.site, head_only=self.algorithm.head_only(self.config, r)
+        )
         # copies: the arrays must not alias the live parameters that the next round updates in place
         return {k: v.detach().cpu().float().numpy().copy() for k, v in out.items()}
 
@@ -213,7 +225,7 @@ class SiteTrainer:
             done += 1
         aborted = done < n_iter
         if not aborted:
-            self.algorithm.on_round_end(self.ctx, r, self.config.rounds)
+            self.algorithm.on_round_end(self.ctx, r, self.total_rounds)
             self.round = r + 1
         stats = {"round": r, "steps": done, "train_time": time.perf_counter() - t0, "aborted": aborted}
         stats.update({k: v / max(done, 1) for k, v in sums.items()})

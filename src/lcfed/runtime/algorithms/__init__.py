@@ -45,6 +45,9 @@ ALGORITHMS: dict[str, Callable[[], Algorithm]] = {
     "lcfed-private-embedding": lambda: LCFed(
         DEFAULT_HC_SCHEDULE, share_embedding=False, name="lcfed-private-embedding"
     ),
+    # not in method.md: LC-Fed with site-local normalisation (BatchNorm state kept at the site, as FedBN's)
+    "lcfed-pn": lambda: LCFed(DEFAULT_HC_SCHEDULE, personal_norm=True, name="lcfed-pn"),
+    "lcfed-pn-no-hc": lambda: LCFed(DEFAULT_HC_SCHEDULE, use_hc=False, personal_norm=True, name="lcfed-pn-no-hc"),
     "local": Local,
     "fedavg": FedAvg,
     "fedavg-ft": FedAvgFT,
@@ -65,6 +68,8 @@ LCFED_VARIANTS = (
     "lcfed-no-contrastive",
     "lcfed-no-hc",
     "lcfed-private-embedding",
+    "lcfed-pn",
+    "lcfed-pn-no-hc",
 )
 
 

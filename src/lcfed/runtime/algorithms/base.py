@@ -147,6 +147,18 @@ class Algorithm(ABC):
     def predict(self, ctx: SiteContext, image: torch.Tensor) -> torch.Tensor:
         """The site's final (personalized) probabilities (B, C, H, W)."""
 
+    def total_rounds(self, config: TrainConfig) -> int:
+        """Rounds of a whole run: ``config.rounds`` of network training (plus any stage of its own)."""
+        return config.rounds
+
+    def learning_rate(self, group: str, config: TrainConfig) -> float:
+        """Adam learning rate of the parameter group ``group`` (default: ``config.lr`` for every group)."""
+        return config.lr
+
+    def head_only(self, config: TrainConfig, round_idx: int) -> bool:
+        """Whether a site sends only its banked head after ``round_idx`` (its shared part did not change)."""
+        return False
+
     def merges_global(self, config: TrainConfig, round_idx: int) -> bool:
         """Whether the site takes the server's shared weights at the start of ``round_idx`` (default: yes)."""
         return True
@@ -165,9 +177,15 @@ class Algorithm(ABC):
     def uses_head_bank(self) -> bool:
         return bool(self.contract.banked)
 
-    def outgoing_state(self, ctx: SiteContext) -> dict[str, torch.Tensor]:
-        """What this site sends: the contract's shared keys plus its banked head."""
-        return {k: v.detach() for k, v in self.contract.select_outgoing(ctx.model.state_dict()).items()}
+    def outgoing_state(self, ctx: SiteContext, round_idx: int) -> dict[str, torch.Tensor]:
+        """What this site sends after ``round_idx``: the contract's shared keys plus its banked head.
+
+        In a :meth:`head_only` round only the banked head (the server keeps the global shared model).
+        """
+        state = self.contract.select_outgoing(ctx.model.state_dict())
+        if self.head_only(ctx.config, round_idx):
+            state = {k: v for k, v in state.items() if self.contract.is_banked(k)}
+        return {k: v.detach() for k, v in state.items()}
 
 
 def iterate_params(model: nn.Module, prefixes: tuple[str, ...]) -> Iterator[nn.Parameter]:

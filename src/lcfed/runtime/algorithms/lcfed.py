@@ -8,7 +8,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..contract import KeyContract
 from ..losses import soft_dice_loss
-from ..networks import LCFedUNet, bank_predictions, contrastive_site_loss, disagreement_map, pick_peaks
+from ..networks import LCFedUNet, calibration_maps, contrastive_site_loss
 from .base import Algorithm, ModelSpec, SiteContext, iterate_params
 
 __all__ = ["LCFed", "HC_SCHEDULES"]
@@ -21,8 +21,13 @@ class LCFed(Algorithm):
 
     Each round: the first ``personal_iterations`` iterations update only the personal head, the rest
     only the shared body (encoder, PCS, decoder) with soft Dice + alpha * contrastive term. HC is
-    trained on detached F and P with the same Dice on S*: every iteration ("joint"), or alone with
-    the network frozen from ``hc_start_round`` on ("staged").
+    trained on detached F and P with the same Dice on S*: every iteration ("joint"), or alone in
+    ``hc_rounds`` extra rounds after the ``rounds`` network rounds, with the network frozen ("staged";
+    then every algorithm trains its network for the same ``rounds``). In those HC rounds a site keeps
+    its own network (it does not merge the global body) and sends only its head, for the bank.
+
+    The disagreement map, its peaks and the PCS attention maps are computed in fp32 under mixed
+    precision (see :func:`lcfed.runtime.networks.calibration_maps`).
 
     Args:
         hc_schedule: "joint" or "staged".
@@ -34,6 +39,9 @@ class LCFed(Algorithm):
             bytes a site sends within 1% of FedAvg's, since W2 (C x C) is most of PCS. The shared MLP g
             is still averaged. At site i the other sites' embeddings then come from its own copy, in
             which only column i of W1 ever receives a gradient.
+        personal_norm: not in method.md (``lcfed-pn``): the U-Net's normalisation layers are BatchNorm,
+            whose affine parameters and running statistics stay at the site (personal, never sent, as in
+            FedBN); they train with the body. Head bank, PCS and HC are unchanged.
         name: registry name of this variant.
     """
 
@@ -44,6 +52,7 @@ class LCFed(Algorithm):
         use_contrastive: bool = True,
         use_hc: bool = True,
         share_embedding: bool = True,
+        personal_norm: bool = False,
         name: str = "lcfed",
         description: str = "",
     ):
@@ -54,6 +63,7 @@ class LCFed(Algorithm):
         self.use_contrastive = use_contrastive and use_pcs
         self.use_hc = use_hc
         self.share_embedding = share_embedding or not use_pcs
+        self.personal_norm = personal_norm
         self.name = name
         self.description = description or (
             f"LC-Fed, HC {hc_schedule}"
@@ -61,19 +71,37 @@ class LCFed(Algorithm):
             + ("" if self.use_contrastive or not use_pcs else ", without contrastive term")
             + ("" if use_hc else ", without HC")
             + ("" if self.share_embedding else ", site embedding kept at the site")
+            + (", BatchNorm kept at the site" if personal_norm else "")
         )
         # kept at the site, never sent: the site embedding when it is not shared
         private = "" if self.share_embedding else r"|pcs\.embed"
+        # every normalisation layer's state (FedBN's pattern: ".norm." in the key)
+        norms = r"|.*\.norm\." if personal_norm else ""
         if use_hc:
             # head: personal and sent to the server for the head bank; hc: personal, never leaves the site
-            self.contract = KeyContract(personal=rf"(head|hc{private})\.", banked=r"head\.")
+            self.contract = KeyContract(personal=rf"(head|hc{private})\.{norms}", banked=r"head\.")
         else:
             # without HC the other sites' heads are never used: nothing to bank (FedRep with PCS)
-            self.contract = KeyContract(personal=rf"(head{private})\.")
+            self.contract = KeyContract(personal=rf"(head{private})\.{norms}")
+
+    @property
+    def staged_hc(self) -> bool:
+        return self.use_hc and self.hc_schedule == "staged"
+
+    def total_rounds(self, config: TrainConfig) -> int:
+        """``rounds`` network rounds, plus ``hc_rounds`` HC-only rounds under the staged schedule."""
+        return config.rounds + (config.hc_stage_rounds if self.staged_hc else 0)
 
     def hc_only(self, config: TrainConfig, round_idx: int) -> bool:
-        """Staged schedule: from ``hc_start_round`` on the network is frozen and only HC learns."""
-        return self.use_hc and self.hc_schedule == "staged" and round_idx >= config.hc_start_round
+        """Staged schedule: after the ``rounds`` network rounds the network is frozen and only HC learns."""
+        return self.staged_hc and round_idx >= config.hc_start_round
+
+    def head_only(self, config: TrainConfig, round_idx: int) -> bool:
+        # the frozen body is not sent; the (frozen) head still is, so the server's bank holds every site
+        return self.hc_only(config, round_idx)
+
+    def learning_rate(self, group: str, config: TrainConfig) -> float:
+        return config.hc_learning_rate if group == "hc" else config.lr
 
     def merges_global(self, config: TrainConfig, round_idx: int) -> bool:
         # a frozen network is the site's own network as trained so far: merging the global body now would
@@ -82,7 +110,13 @@ class LCFed(Algorithm):
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         return LCFedUNet(
-            spec.in_channels, spec.n_classes, spec.width, spec.n_sites, use_pcs=self.use_pcs, use_hc=self.use_hc
+            spec.in_channels,
+            spec.n_classes,
+            spec.width,
+            spec.n_sites,
+            norm="batch" if self.personal_norm else "instance",
+            use_pcs=self.use_pcs,
+            use_hc=self.use_hc,
         )
 
     def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -95,18 +129,16 @@ class LCFed(Algorithm):
         return groups
 
     # -- the maths of one site -------------------------------------------------------------------
-    def peaks(self, ctx: SiteContext, feature: torch.Tensor, own_prob: torch.Tensor) -> torch.Tensor:
-        """Disagreement peaks B between the site's live head and the other banked heads (no gradient)."""
+    def maps(self, ctx: SiteContext, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(P_i, U~, B) of the site's live head against the other banked heads, fp32, no gradient."""
         with torch.no_grad():
             bank = ctx.head_bank.others(ctx.site_name, feature.device)
-            others = None if bank is None else bank_predictions(feature.float(), *bank)
-            u = disagreement_map(own_prob.float(), others)
-            return pick_peaks(u)
+            return calibration_maps(feature, ctx.model.head.weight, ctx.model.head.bias, bank)
 
-    def _hc_step(self, ctx: SiteContext, feature: torch.Tensor, prob: torch.Tensor, label: torch.Tensor) -> float:
+    def _hc_step(self, ctx: SiteContext, feature: torch.Tensor, label: torch.Tensor) -> float:
         model = ctx.model
-        feature, prob = feature.detach().float(), prob.detach().float()
-        peaks = self.peaks(ctx, feature, prob)
+        feature = feature.detach()
+        prob, _, peaks = self.maps(ctx, feature)
         with ctx.precision.autocast():
             calibrated = model.hc(feature, prob, peaks)
         loss = soft_dice_loss(calibrated, label)
@@ -120,11 +152,16 @@ class LCFed(Algorithm):
         model, cfg = ctx.model, ctx.config
         stats: dict[str, float] = {}
         if self.hc_only(cfg, round_idx):
-            # staged: the network is frozen, only HC learns
-            with torch.no_grad(), ctx.precision.autocast():
-                feats = model.features(image, ctx.site_index)
-                prob = torch.sigmoid(model.head(feats.feature))
-            stats["hc_dice_loss"] = self._hc_step(ctx, feats.feature, prob, label)
+            # staged: the network is frozen, only HC learns. Features as at inference (eval mode): BatchNorm
+            # (lcfed-pn) then neither uses batch statistics nor moves its running statistics, so the frozen
+            # network stays frozen and HC calibrates exactly the features it will see when predicting
+            model.eval()
+            try:
+                with torch.no_grad(), ctx.precision.autocast():
+                    feature = model.features(image, ctx.site_index).feature
+            finally:
+                model.train()
+            stats["hc_dice_loss"] = self._hc_step(ctx, feature, label)
             return stats
 
         personal_phase = iteration < cfg.personal_iterations
@@ -150,22 +187,15 @@ class LCFed(Algorithm):
                 stats["contrastive"] = float(con.detach())
             ctx.precision.step(loss, model, ctx.optimizers["body"])
         if self.use_hc and self.hc_schedule == "joint":
-            stats["hc_dice_loss"] = self._hc_step(ctx, feats.feature, prob, label)
+            stats["hc_dice_loss"] = self._hc_step(ctx, feats.feature, label)
         return stats
 
     def explain(self, ctx: SiteContext, image: torch.Tensor) -> dict[str, torch.Tensor]:
         model = ctx.model
         with ctx.precision.autocast():
-            feats = model.features(image, ctx.site_index)
-            own = torch.sigmoid(model.head(feats.feature))
-        feature, own = feats.feature.float(), own.float()
-        out = {"head_prediction": own, "prediction": own}
-        bank = ctx.head_bank.others(ctx.site_name, feature.device)
-        others = None if bank is None else bank_predictions(feature, *bank)
-        u = disagreement_map(own, others)
-        peaks = pick_peaks(u)
-        out["disagreement"] = u
-        out["peaks"] = peaks
+            feature = model.features(image, ctx.site_index).feature
+        own, u, peaks = self.maps(ctx, feature)
+        out = {"head_prediction": own, "prediction": own, "disagreement": u, "peaks": peaks}
         calibrated = self.use_hc and bool(model.hc.trained)
         out["calibrated"] = torch.full((image.shape[0],), float(calibrated))
         if calibrated:

@@ -180,8 +180,8 @@ class LCFedLearner(Learner):
         if self.send_diffs:
             self.round.align(round_idx)  # the base is the state this round starts from
             base = self._difference_base(dxo.data)
-        # the run's rounds (a resumed job runs only the rest)
-        reply = self.round.run(dxo.data, round_idx, self.trainer.config.rounds, lambda: abort_signal.triggered)
+        # the run's rounds, staged HC rounds included (a resumed job runs only the rest)
+        reply = self.round.run(dxo.data, round_idx, self.trainer.total_rounds, lambda: abort_signal.triggered)
         if reply is None:
             return make_reply(ReturnCode.TASK_ABORTED)
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: reply["steps"], "n_train": reply["n_train"]}
@@ -219,7 +219,7 @@ class LCFedLearner(Learner):
             # model as received
             return make_reply(ReturnCode.TASK_UNSUPPORTED)
         self._fl_ctx = fl_ctx
-        total = int(data.get_header(AppConstants.NUM_ROUNDS, self.trainer.config.rounds))
+        total = int(data.get_header(AppConstants.NUM_ROUNDS, self.trainer.total_rounds))
         # the final aggregate (sent after the last round by SiteListFedAvg)
         received = None if self.trainer.algorithm.personalized else from_shareable(data).data
         val = self.round.final_validation(received, total)

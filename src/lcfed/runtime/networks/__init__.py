@@ -3,9 +3,12 @@
 from .calibration import (
     HeadCalibration,
     bank_predictions,
+    calibration_maps,
     disagreement_map,
+    fp32,
     gaussian_1d,
     gaussian_2d,
+    gaussian_mass,
     pick_peaks,
     separable_gaussian_filter,
 )
@@ -18,10 +21,13 @@ __all__ = [
     "LCFedUNet",
     "PersonalizedChannelSelection",
     "bank_predictions",
+    "calibration_maps",
     "contrastive_site_loss",
     "disagreement_map",
+    "fp32",
     "gaussian_1d",
     "gaussian_2d",
+    "gaussian_mass",
     "pick_peaks",
     "separable_gaussian_filter",
 ]

@@ -14,6 +14,9 @@ __all__ = [
     "disagreement_map",
     "pick_peaks",
     "square_max_filter",
+    "gaussian_mass",
+    "fp32",
+    "calibration_maps",
     "HeadCalibration",
 ]
 
@@ -32,6 +35,20 @@ def gaussian_2d(size: int = KERNEL_SIZE, sigma: float = SIGMA, dtype=torch.float
     """2-D Gaussian with peak 1; equals the outer product of two :func:`gaussian_1d`."""
     g = gaussian_1d(size, sigma, dtype, device)
     return g[:, None] * g[None, :]
+
+
+def gaussian_mass(size: int = KERNEL_SIZE, sigma: float = SIGMA) -> float:
+    """Sum of the peak-1 2-D Gaussian (about 222 for 31x31, sigma 6): its gain on a constant map."""
+    return float(gaussian_1d(size, sigma, dtype=torch.float64).sum() ** 2)
+
+
+def fp32(device: torch.device) -> torch.autocast:
+    """A region where autocast is off on ``device``: what runs inside stays in the dtype it is given.
+
+    Used where a low-precision rounding decides something discrete or near-tied: the disagreement map
+    of nearly equal probabilities, its peaks, and the PCS attention maps of the contrastive term.
+    """
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def separable_gaussian_filter(x: torch.Tensor, size: int = KERNEL_SIZE, sigma: float = SIGMA) -> torch.Tensor:
@@ -91,11 +108,52 @@ def pick_peaks(u: torch.Tensor, size: int = KERNEL_SIZE, threshold: float = PEAK
     return ((u == square_max_filter(u, size)) & (u > threshold)).to(u.dtype)
 
 
+def calibration_maps(
+    feature: torch.Tensor,
+    own_weight: torch.Tensor,
+    own_bias: torch.Tensor,
+    others: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """P_i, U~ and B of method.md section 5 for feature F, all in fp32 whatever autocast is active.
+
+    The site's own head and the banked heads run the same fp32 1x1 conv on the same fp32 F: under bf16
+    autocast the own head's P_i would otherwise be rounded (about 4e-3 near P = 1) while the banked
+    heads' P_k are not, and after the per-image max normalisation that rounding alone can make peaks
+    above the 0.2 threshold where the heads agree.
+
+    Args:
+        feature: F, (B, D, H, W) (any float dtype; used as fp32).
+        own_weight: the site's live head, (C, D) or (C, D, 1, 1).
+        own_bias: (C,).
+        others: stacked weights (K', C, D) and biases (K', C) of the other banked heads, or ``None``.
+
+    Returns:
+        (P_i, U~, B), each (B, C, H, W) fp32; no gradient flows (the caller decides, see LC-Fed).
+    """
+    with fp32(feature.device):
+        f = feature.float()
+        own = bank_predictions(f, own_weight.detach().float().flatten(1)[None], own_bias.detach().float()[None])[0]
+        banked = None if others is None else bank_predictions(f, others[0].float(), others[1].float())
+        u = disagreement_map(own, banked)
+        return own, u, pick_peaks(u)
+
+
 class HeadCalibration(nn.Module):
     """Personal Head Calibration (HC); never leaves the site.
 
-    For each class c: ``A_U = G * B_c``, ``A_P = G * P_c`` (G the peak-1 31x31 Gaussian, sigma 6),
-    ``F_U = F * A_U + F`` and ``F_P = F * A_P + F``; ``S* = sigmoid(conv3x3(concat_c [F_U, F_P]))``.
+    For each class c: ``A_U = G * B_c``, ``A_P = (G * P_c) / m`` (G the peak-1 31x31 Gaussian, sigma 6,
+    m = its mass, about 222), ``F_U = F * A_U + F`` and ``F_P = F * A_P + F``;
+    ``S* = sigmoid(conv3x3(concat_c [F_U, F_P]))``.
+
+    Scale (a decision of ours; the paper does not give one): the peaks B are isolated (at most one per
+    31x31 window), so the peak-1 ``G * B`` is 1 at a peak and at most about 1 anywhere: ``A_U`` keeps the
+    paper's peak-1 Gaussian. P is dense, so the peak-1 ``G * P`` is up to m ~ 222 inside an object and
+    ``F_P`` up to ~223 F (about 1000 on trained features): from HC's zero init one Adam step at lr 1e-3
+    then moved the S* logits by tens (HC saturated at once and joint HC collapsed). Dividing ``G * P`` by
+    the Gaussian's mass makes ``A_P`` the Gaussian-weighted local mean of P, in [0, 1], so both maps are
+    in [0, ~1], ``F_U`` and ``F_P`` within about 2 F, and one Adam step moves the logits by order 1
+    (``benchmark/hc_step.py`` measures both; ``tests/test_calibration.py`` bounds it). The Gaussian maps
+    and the products are computed in fp32 under autocast; only the final conv runs in low precision.
 
     Args:
         feature_channels: D, channels of F (2n; 32 in the paper preset).
@@ -113,22 +171,23 @@ class HeadCalibration(nn.Module):
     def reset_parameters(self) -> None:
         """Zero init: HC starts neutral (S* = 0.5) and learns from P within a few steps.
 
-        With a Kaiming init its inputs -- F amplified by up to 2*pi*sigma^2 (about 226) where the
-        peak-1 Gaussian smooths a confident P -- saturate the sigmoid and HC needs hundreds of
-        steps before S* catches up with P (measured on the demo set; see the README).
+        A Kaiming init would start S* at a random function of F instead (and, with the unscaled peak-1
+        ``G * P`` of the paper, deep in the sigmoid's saturation).
         """
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 
     def calibrated_features(self, feature: torch.Tensor, prob: torch.Tensor, peaks: torch.Tensor) -> torch.Tensor:
-        """concat over classes of [F * A_U + F, F * A_P + F] -> (B, 2*D*C, H, W)."""
-        a_u = separable_gaussian_filter(peaks)
-        a_p = separable_gaussian_filter(prob)
-        parts = []
-        for c in range(self.n_classes):
-            parts.append(feature * a_u[:, c : c + 1] + feature)
-            parts.append(feature * a_p[:, c : c + 1] + feature)
-        return torch.cat(parts, dim=1)
+        """concat over classes of [F * A_U + F, F * A_P + F] -> (B, 2*D*C, H, W), fp32."""
+        with fp32(feature.device):
+            feature = feature.float()
+            a_u = separable_gaussian_filter(peaks.float())
+            a_p = separable_gaussian_filter(prob.float()) / gaussian_mass()
+            parts = []
+            for c in range(self.n_classes):
+                parts.append(feature * a_u[:, c : c + 1] + feature)
+                parts.append(feature * a_p[:, c : c + 1] + feature)
+            return torch.cat(parts, dim=1)
 
     def forward(self, feature: torch.Tensor, prob: torch.Tensor, peaks: torch.Tensor) -> torch.Tensor:
         """S* = sigmoid(conv3x3(calibrated features))."""

@@ -49,16 +49,22 @@ class PersonalizedChannelSelection(nn.Module):
         return self.embed(onehot[:, :, None, None])
 
     def attention(self, f: torch.Tensor, site_index: torch.Tensor) -> torch.Tensor:
-        """Channel attention M for feature f (B, C, h, w) and site indices (B,) -> (B, C, 1, 1)."""
-        xi = self.site_embedding(site_index).to(f.dtype)
-        avg = F.adaptive_avg_pool2d(f, 1)
-        mx = F.adaptive_max_pool2d(f, 1)
-        return torch.sigmoid(self.mlp(torch.cat([avg, xi], 1)) + self.mlp(torch.cat([mx, xi], 1)))
+        """Channel attention M for feature f (B, C, h, w) and site indices (B,) -> (B, C, 1, 1), fp32.
+
+        Computed in fp32 under autocast (on pooled vectors, so it costs nothing): the contrastive term
+        compares the attentions of different sites, which are close, and a bf16 rounding of each would
+        be of the size of their difference.
+        """
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            xi = self.site_embedding(site_index).float()
+            avg = F.adaptive_avg_pool2d(f.float(), 1)
+            mx = F.adaptive_max_pool2d(f.float(), 1)
+            return torch.sigmoid(self.mlp(torch.cat([avg, xi], 1)) + self.mlp(torch.cat([mx, xi], 1)))
 
     def forward(self, f: torch.Tensor, site_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (f * (1 + M), M)."""
+        """Return (f * (1 + M), M); the gated feature keeps f's dtype (the decoder runs under autocast)."""
         m = self.attention(f, site_index)
-        return f * (1.0 + m), m
+        return f * (1.0 + m.to(f.dtype)), m
 
 
 def contrastive_site_loss(pcs: PersonalizedChannelSelection, f: torch.Tensor, site: int) -> torch.Tensor:
