@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import FakeFLContext
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.app_common.decomposers import common_decomposers
@@ -24,8 +25,6 @@ from lcfed.runtime.fl.quantization import (
 )
 from lcfed.runtime.fl.reference import reference_model
 
-from conftest import FakeFLContext
-
 SITES = ["site-a", "site-b"]
 common_decomposers.register()  # numpy arrays in FOBS, as in every FLARE process
 GPU_READY = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
@@ -36,9 +35,7 @@ def _outgoing(seed: int = 0) -> dict[str, np.ndarray]:
     algo, model, _ = reference_model("lcfed", SITES, "tiny", None, 1, 2)
     state = model.state_dict()
     rng = np.random.default_rng(seed)
-    return {
-        k: rng.normal(0, 0.1, tuple(state[k].shape)).astype(np.float32) for k in algo.contract.outgoing_keys(state)
-    }
+    return {k: rng.normal(0, 0.1, tuple(state[k].shape)).astype(np.float32) for k in algo.contract.outgoing_keys(state)}
 
 
 def _through(filt, dxo: DXO, ctx) -> DXO:
@@ -133,6 +130,7 @@ def test_the_audit_accepts_quantized_results_and_logs_the_bytes_that_leave(tmp_p
     audit.process(quantized, ctx)
     (record,) = read_audit(tmp_path / "models" / "site-a" / "q" / AUDIT_FILE)
     assert record["bytes"] == size and record["quantization"] == qtype
+    assert 0 < record["payload"] < size and record["payload"] < 0.55 * 4 * sum(v.size for v in params.values())
     assert record["tensors"] == {k: list(v.shape) for k, v in params.items()}  # the shapes restored, not packed
     assert record["n_values"] == sum(v.size for v in params.values())
     assert set(record["meta"]) == {"NUM_STEPS_CURRENT_ROUND", "n_train", "filter_history"}
@@ -144,7 +142,7 @@ def test_the_audit_refuses_quantization_state_for_tensors_the_message_does_not_c
     quantized = MessageQuantizer("float16").process(DXO(DataKind.WEIGHTS, _outgoing()).to_shareable(), ctx)
     dxo = from_shareable(quantized)
     dxo.meta["quant_state"]["hc.weight"] = {"norm": np.zeros(9)}
-    with pytest.raises(ContractViolation, match=r"quantization metadata 'quant_state' beyond its tensors: \['hc.weight'\]"):
+    with pytest.raises(ContractViolation, match=r"metadata 'quant_state' beyond its tensors: \['hc.weight'\]"):
         audit.process(dxo.to_shareable(), ctx)
 
 
@@ -216,7 +214,9 @@ def test_a_float16_simulator_run_banks_the_heads_the_sites_sent_and_the_audit_ma
         audit = [r for r in read_audit(models / site / "lcfed" / AUDIT_FILE) if r["task"] == "train"]
         assert [r["quantization"] for r in audit] == ["float16", "float16"]
         received = [e["bytes"] for e in arrived["from_site"] if e["site"] == site]
-        assert [r["bytes"] for r in audit] == received
+        # the same DXO at both ends; FLARE adds its task headers after the site's filters (about 1 kB)
+        assert [r["payload"] for r in audit] == [e["payload"] for e in arrived["from_site"] if e["site"] == site]
+        assert all(0 <= b - r["bytes"] < 2000 for r, b in zip(audit, received))
         values = audit[0]["n_values"]
         head_values = sum(int(np.prod(shape)) for k, shape in audit[0]["tensors"].items() if k.startswith("head."))
         assert all(b < 0.55 * 4 * values for b in received)  # float16 on the wire: about 2 bytes per value

@@ -5,7 +5,8 @@ refuses any result that holds a parameter outside the algorithm's contract (shar
 own banked head) or a non-scalar metric, and appends one JSON line per result to
 ``<site models folder>/<job name>/outgoing_audit.jsonl``: task, round, data kind, every tensor's name and
 shape, the metric names and values, the quantization type if the job quantizes, and the serialized size
-(after quantization: the bytes that leave). Hospital IT can read that file to see exactly what was sent.
+(after quantization: the bytes that leave; ``payload``, the DXO alone, is what the server's traffic meter
+logs for the same message). Hospital IT can read that file to see exactly what was sent.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .controller import REFUSAL_HEADER
 from .quantization import QUANT_META_KEYS, QUANT_STATE, SOURCE_DTYPE
 from .reference import reference_model
 from .site_config import models_root
+from .traffic import payload_bytes
 
 __all__ = ["OutgoingAudit", "AUDIT_FILE"]
 
@@ -79,6 +81,7 @@ class OutgoingAudit(Filter):
             "task": fl_ctx.get_prop(ReservedKey.TASK_NAME, "?"),
             "round": _round_of(shareable, fl_ctx),
             "bytes": len(fobs.dumps(shareable)),
+            "payload": payload_bytes(shareable),
         }
         if rc != ReturnCode.OK:
             # an error reply (a refusal, an aborted task) carries no data, only its code and the site's reason
