@@ -343,7 +343,11 @@ def test_every_class_a_job_names_is_on_the_allow_list(tmp_path):
     for job in (REPO / "jobs").iterdir():
         named |= job_class_paths(job)
     options = JobSpec(
-        preset="tiny", name="all-options", percentile_privacy={"percentile": 10, "gamma": 0.01}, exclude_vars="pcs"
+        preset="tiny",
+        name="all-options",
+        percentile_privacy={"percentile": 10, "gamma": 0.01},
+        exclude_vars="pcs",
+        quantize="float16",
     )
     named |= job_class_paths(export_job(options, tmp_path))
     assert named == set(allowed_classes())
@@ -365,7 +369,7 @@ def test_the_packed_job_carries_only_the_runtime_which_imports_nothing_else(tmp_
         "import sys, importlib; sys.path.insert(0, sys.argv[1]); import lcfed; "
         "assert lcfed.__file__.startswith(sys.argv[1]), lcfed.__file__; "
         "[importlib.import_module('lcfed.runtime.fl.' + m) for m in "
-        "('learner', 'aggregator', 'persistor', 'controller', 'audit', 'traffic', 'byoc_guard')]; "
+        "('learner', 'aggregator', 'persistor', 'controller', 'audit', 'traffic', 'quantization', 'byoc_guard')]; "
         "assert not [m for m in sys.modules if m.startswith('lcfed.ops')], 'the runtime imported lcfed.ops'"
     )
     subprocess.run([sys.executable, "-c", probe, str(custom)], check=True)

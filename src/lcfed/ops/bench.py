@@ -46,7 +46,14 @@ def _traffic(sim_ws: Path) -> dict[str, Any]:
 
 
 def _one_run(
-    algo: str, seed: int, data_dir: Path, out: Path, preset: str, options: dict[str, Any], show: Callable[[str], None]
+    algo: str,
+    seed: int,
+    data_dir: Path,
+    out: Path,
+    preset: str,
+    options: dict[str, Any],
+    show: Callable[[str], None],
+    quantize: str = "",
 ) -> dict[str, Any]:
     from lcfed.ops.evaluation import evaluate_checkpoints
     from lcfed.ops.jobs import JobSpec
@@ -55,8 +62,13 @@ def _one_run(
     ws = out / "runs" / algo / f"seed{seed}"
     done = ws / "run.json"
     if done.is_file():
+        kept = json.loads(done.read_text())
+        if kept.get("quantize", "") != quantize:
+            raise ValueError(
+                f"{done} was run with quantize={kept.get('quantize', '')!r}, not {quantize!r}: use another --out"
+            )
         show(f"[bench] {algo} seed {seed}: reusing {done}")
-        return json.loads(done.read_text())
+        return kept
     info = load_dataset_info(data_dir)
     spec = JobSpec(
         algorithm=algo,
@@ -65,6 +77,7 @@ def _one_run(
         options={**options, "seed": seed},
         in_channels=info.channels,
         n_classes=info.n_classes,
+        quantize=quantize,
     )
     prepare_workspace(ws, overwrite=True)
     t0 = time.perf_counter()
@@ -77,6 +90,7 @@ def _one_run(
     result = {
         "algo": algo,
         "seed": seed,
+        "quantize": quantize,
         "sites": {s: {k: v for k, v in m.items()} for s, m in evaluation["sites"].items()},
         "mean": evaluation["mean"],
         "distance_unit": evaluation["distance_unit"],
@@ -373,13 +387,14 @@ def run_benchmark(
     options: dict[str, Any] | None = None,
     command: str = "",
     show: Callable[[str], None] = print,
+    quantize: str = "",
 ) -> dict[str, Any]:
-    """Run every (algorithm, seed), then write the table, plots and statistics."""
+    """Run every (algorithm, seed), then write the table, plots and statistics (``quantize``: see ``JobSpec``)."""
     for a in algos:
         get_algorithm(a)  # unknown names fail before hours of runs
     out = Path(out)
     data_dir = Path(data_dir).resolve()
-    runs = [_one_run(a, s, data_dir, out, preset, dict(options or {}), show) for a in algos for s in seeds]
+    runs = [_one_run(a, s, data_dir, out, preset, dict(options or {}), show, quantize) for a in algos for s in seeds]
     summary = summarize(runs)
     comparison = compare(runs, summary)
     write_outputs(out, runs, summary, comparison, command)

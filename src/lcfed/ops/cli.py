@@ -27,6 +27,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     from lcfed.runtime.config import PRESETS
+    from lcfed.runtime.fl.quantization import GPU_TYPES, QUANTIZATION_TYPES
 
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model/schedule preset (default: demo)")
     p.add_argument(
@@ -50,6 +51,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate")
     p.add_argument("--alpha", type=float, help="weight of the contrastive term")
     p.add_argument("--seed", type=int, help="seed (initialisation, sampling)")
+    p.add_argument(
+        "--quantize",
+        default="",
+        choices=("",) + QUANTIZATION_TYPES,
+        metavar="TYPE",
+        help=f"quantize every training message both ways with FLARE's message quantization: one of "
+        f"{', '.join(QUANTIZATION_TYPES)} ({', '.join(GPU_TYPES)} need bitsandbytes on a GPU); default float32",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,6 +259,7 @@ def _cmd_job(args: argparse.Namespace) -> int:
         send_diffs=args.send_diffs,
         exclude_vars=args.exclude_vars,
         percentile_privacy=_percentile_privacy(args.percentile_privacy),
+        quantize=args.quantize,
     )
     print(f"exported {export_job(spec, args.out)} (sites {sites})")
     return 0
@@ -294,13 +304,16 @@ def _cmd_poc(args: argparse.Namespace) -> int:
             args.keep_running,
             args.job,
             start_timeout=args.start_timeout,
+            quantize=args.quantize,
         )
     elif cmd == "prepare":
         poc.prepare(args.data)
     elif cmd == "start":
         poc.start(args.start_timeout)
     elif cmd == "submit":
-        poc.submit_and_report(args.data, args.algo, args.preset, _options(args), args.console, args.timeout, args.job)
+        poc.submit_and_report(
+            args.data, args.algo, args.preset, _options(args), args.console, args.timeout, args.job, args.quantize
+        )
     elif cmd == "status":
         print(poc.status())
     elif cmd == "stop":
@@ -394,7 +407,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(x) for x in args.seeds.split(",")]
         algos = [a.strip() for a in args.algos.split(",") if a.strip()]
         command = "python -m lcfed " + " ".join(argv)
-        run_benchmark(args.data, algos, seeds, args.out, args.preset, _options(args), command=command)
+        run_benchmark(
+            args.data, algos, seeds, args.out, args.preset, _options(args), command=command, quantize=args.quantize
+        )
         return 0
     if args.command == "run":
         from lcfed.ops.run import run_and_report
@@ -409,6 +424,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             args.verbose,
             overwrite=args.overwrite,
             resume=args.resume,
+            quantize=args.quantize,
         )
         return 0 if results else 1
     return 1

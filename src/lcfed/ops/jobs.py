@@ -64,6 +64,9 @@ class JobSpec:
             arguments (e.g. ``{"percentile": 10, "gamma": 0.01}``); implies ``send_diffs``.
         exclude_vars: add FLARE's ``ExcludeVars`` filter with this regular expression (shared keys only;
             the server then averages each shared key over the sites that sent it).
+        quantize: quantize every training message in both directions with this type of FLARE's message
+            quantization (``float16``, ``adaquant``; ``blockwise8``, ``float4``, ``normfloat4`` need
+            bitsandbytes on a GPU, see :mod:`lcfed.runtime.fl.quantization`); "" sends float32.
     """
 
     algorithm: str = "lcfed"
@@ -84,6 +87,7 @@ class JobSpec:
     send_diffs: bool = False
     percentile_privacy: dict[str, float] | None = None
     exclude_vars: str = ""
+    quantize: str = ""
 
     @property
     def job_name(self) -> str:
@@ -129,6 +133,7 @@ def build_job(spec: JobSpec):
     from lcfed.runtime.fl.controller import SiteListFedAvg
     from lcfed.runtime.fl.learner import LCFedLearner
     from lcfed.runtime.fl.persistor import GlobalStatePersistor
+    from lcfed.runtime.fl.quantization import MessageDequantizer, MessageQuantizer, check_quantization_type
     from lcfed.runtime.fl.traffic import TrafficMeter
 
     get_algorithm(spec.algorithm)  # fail early on an unknown name (before FLARE imports anything)
@@ -151,6 +156,8 @@ def build_job(spec: JobSpec):
             f"min_clients must be between 1 and the number of sites ({len(sites)}), got {spec.min_clients}"
         )
     excluded = _excluded_keys(spec)
+    # refused here when this machine cannot run the type (8 and 4 bits need bitsandbytes on a GPU)
+    quantize = check_quantization_type(spec.quantize) if spec.quantize else ""
     run = dict(run_name=spec.job_name, resume=spec.resume)
     job = FedJob(name=spec.job_name, min_clients=spec.min_clients or len(sites))
     job.set_app_packages(["lcfed"])  # installed at every site: FLARE copies none of its code into the job
@@ -177,24 +184,35 @@ def build_job(spec: JobSpec):
         allow_empty_global_weights=shares_nothing,
     )
     job.to_server(controller, id="controller")
-    # what actually crosses the wire, per site and round (bytes of the serialized task and result)
+    # what actually crosses the wire, per site and round (bytes of the serialized task and result): with
+    # quantization the meter sizes the task after the server quantized it and the result before the server
+    # dequantizes it. The final validate task (once per run) goes unquantized.
+    if quantize:
+        job.to_server(MessageQuantizer(quantize), tasks=["train"], filter_type=FilterType.TASK_DATA)
     job.to_server(TrafficMeter("to_site"), tasks=["train"], filter_type=FilterType.TASK_DATA)
     job.to_server(TrafficMeter("from_site"), tasks=["train"], filter_type=FilterType.TASK_RESULT)
+    if quantize:
+        job.to_server(MessageDequantizer(), tasks=["train"], filter_type=FilterType.TASK_RESULT)
     job.to_server({"server": {"task_request_interval": spec.task_request_interval}})
 
     send_diffs = spec.send_diffs or bool(spec.percentile_privacy)
     learner = LCFedLearner(**model_args, **run, **pinned, num_threads=spec.num_threads, send_diffs=send_diffs)
     job.to_clients(learner, id="learner")
     job.to_clients(LearnerExecutor(learner_id="learner"), tasks=["train", "validate", "submit_model"])
+    if quantize:
+        # the global model and the head bank back in float32 before the learner merges them
+        job.to_clients(MessageDequantizer(), tasks=["train"], filter_type=FilterType.TASK_DATA)
     # one result chain for every task whose result leaves the site (FLARE refuses overlapping chains): privacy
-    # filters first, then the audit that checks and logs what actually leaves. FLARE's DXO filters skip data
-    # kinds they do not handle, so the validate task's metrics pass the privacy filters untouched.
+    # filters first, then quantization, then the audit that checks and logs what actually leaves. FLARE's DXO
+    # filters skip data kinds they do not handle, so the validate task's metrics pass these filters untouched.
     results = ["train", "validate"]
     if excluded:
         # the exact names, not the pattern: FLARE's job export cannot serialize ExcludeVars' compiled regex
         job.to_clients(ExcludeVars(exclude_vars=excluded), tasks=results, filter_type=FilterType.TASK_RESULT)
     if spec.percentile_privacy:
         job.to_clients(PercentilePrivacy(**spec.percentile_privacy), tasks=results, filter_type=FilterType.TASK_RESULT)
+    if quantize:
+        job.to_clients(MessageQuantizer(quantize), tasks=results, filter_type=FilterType.TASK_RESULT)
     audit = OutgoingAudit(**model_args, run_name=spec.job_name)
     job.to_clients(audit, tasks=results, filter_type=FilterType.TASK_RESULT)
     # TensorBoard: each site writes its own events into its models folder (the learner), the server writes what

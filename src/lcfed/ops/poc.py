@@ -135,7 +135,9 @@ class PocWorkspace:
         self.show(f"POC started ({len(pids)} processes)")
         return pids
 
-    def export(self, algo: str, preset: str, options: dict[str, Any], data_dir: str | os.PathLike) -> JobSpec:
+    def export(
+        self, algo: str, preset: str, options: dict[str, Any], data_dir: str | os.PathLike, quantize: str = ""
+    ) -> JobSpec:
         """The job for ``data_dir``'s sites, exported to ``root/jobs/<name>``."""
         info = load_dataset_info(data_dir)
         spec = JobSpec(
@@ -145,6 +147,7 @@ class PocWorkspace:
             options=dict(options),
             in_channels=info.channels,
             n_classes=info.n_classes,
+            quantize=quantize,
         )
         export_job(spec, self.root / "jobs")
         return spec
@@ -224,6 +227,7 @@ class PocWorkspace:
         console: bool = False,
         timeout: float = 3600.0,
         job_dir: str | os.PathLike | None = None,
+        quantize: str = "",
     ) -> dict[str, Any]:
         """On a running POC: submit ``job_dir`` (default: export the job for ``data_dir``), wait, download,
         check every round ran, evaluate every site's personalized checkpoint."""
@@ -232,7 +236,7 @@ class PocWorkspace:
 
         info = load_dataset_info(data_dir)
         if job_dir is None:
-            spec = self.export(algo, preset, options or {}, data_dir)
+            spec = self.export(algo, preset, options or {}, data_dir, quantize)
             job_dir = self.root / "jobs" / spec.job_name
         job = job_folder_info(job_dir)
         job_id = self.submit(job_dir, console=console)
@@ -262,13 +266,14 @@ class PocWorkspace:
         keep_running: bool = False,
         job_dir: str | os.PathLike | None = None,
         start_timeout: float = 300.0,
+        quantize: str = "",
     ) -> dict[str, Any]:
         """Prepare, start, submit, wait, download, evaluate, stop (always, unless ``keep_running``)."""
         t0 = time.perf_counter()
         self.prepare(data_dir)
         try:
             self.start(start_timeout)
-            results = self.submit_and_report(data_dir, algo, preset, options, console, timeout, job_dir)
+            results = self.submit_and_report(data_dir, algo, preset, options, console, timeout, job_dir, quantize)
         finally:
             if not keep_running:
                 self.stop()

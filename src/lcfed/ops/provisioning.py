@@ -39,6 +39,8 @@ BUNDLE_CLASSES = (
     "lcfed.runtime.fl.controller.SiteListFedAvg",
     "lcfed.runtime.fl.learner.LCFedLearner",
     "lcfed.runtime.fl.persistor.GlobalStatePersistor",
+    "lcfed.runtime.fl.quantization.MessageDequantizer",
+    "lcfed.runtime.fl.quantization.MessageQuantizer",
     "lcfed.runtime.fl.traffic.TrafficMeter",
 )
 

@@ -303,9 +303,11 @@ def run_and_report(
     show: Callable[[str], None] = print,
     overwrite: bool = False,
     resume: bool = False,
+    quantize: str = "",
 ) -> dict[str, Any]:
     """Run ``algo`` on every site of ``data_dir`` in the simulator and write ``workspace/results``.
 
+    ``quantize`` names a message quantization type (see :class:`lcfed.ops.jobs.JobSpec`).
     A workspace that already holds a run is refused unless ``overwrite`` (which deletes that run's
     ``job/``, ``simulator/``, ``results/`` and log, nothing else).
     """
@@ -322,6 +324,7 @@ def run_and_report(
         in_channels=info.channels,
         n_classes=info.n_classes,
         resume=resume,
+        quantize=quantize,
     )
     sim_ws = run_simulator(spec, data_dir, workspace, parallel, verbose, show)
     models = Path(workspace).resolve() / "models"

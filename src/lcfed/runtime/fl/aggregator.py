@@ -31,6 +31,18 @@ __all__ = ["HeadBankAggregator", "ROUNDS_FILE"]
 ROUNDS_FILE = "lcfed_rounds.json"
 
 
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of the server process so far, in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
 class HeadBankAggregator(ModelAggregator):
     """Average shared keys (uniform or sample-weighted), bank heads per site, reject contract breaches.
 
@@ -209,6 +221,7 @@ class HeadBankAggregator(ModelAggregator):
                 "n_bank_keys": len(params) - len(shared),
                 "shared_change": delta,
                 "time": time.perf_counter() - self._t0,
+                "server_peak_rss_mb": _peak_rss_mb(),
             }
         )
         self.rounds.append(self._round)

@@ -4,8 +4,9 @@
 refuses any result that holds a parameter outside the algorithm's contract (shared keys and the site's
 own banked head) or a non-scalar metric, and appends one JSON line per result to
 ``<site models folder>/<job name>/outgoing_audit.jsonl``: task, round, data kind, every tensor's name and
-shape, the metric names and values, and the serialized size. Hospital IT can read that file to see
-exactly what was sent.
+shape, the metric names and values, the quantization type if the job quantizes, and the serialized size
+(after quantization: the bytes that leave; ``payload``, the DXO alone, is what the server's traffic meter
+logs for the same message). Hospital IT can read that file to see exactly what was sent.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from nvflare.fuel.utils import fobs
 
 from ..contract import ContractViolation
 from .controller import REFUSAL_HEADER
+from .quantization import QUANT_META_KEYS, QUANT_STATE, SOURCE_DTYPE
 from .reference import reference_model
 from .site_config import models_root
+from .traffic import payload_bytes
 
 __all__ = ["OutgoingAudit", "AUDIT_FILE"]
 
@@ -35,6 +38,8 @@ AUDIT_FILE = "outgoing_audit.jsonl"
 # the step count and training-sample count (for sample-weighted averaging), the metrics, and FLARE's own
 # list of the filters applied
 _ALLOWED_META = {MetaKey.NUM_STEPS_CURRENT_ROUND, MetaKey.INITIAL_METRICS, "n_train", MetaKey.FILTER_HISTORY}
+# FLARE's message quantization: its type, and per tensor the source data type and the state to restore it
+_QUANT_META = set(QUANT_META_KEYS)
 
 
 class OutgoingAudit(Filter):
@@ -76,6 +81,7 @@ class OutgoingAudit(Filter):
             "task": fl_ctx.get_prop(ReservedKey.TASK_NAME, "?"),
             "round": _round_of(shareable, fl_ctx),
             "bytes": len(fobs.dumps(shareable)),
+            "payload": payload_bytes(shareable),
         }
         if rc != ReturnCode.OK:
             # an error reply (a refusal, an aborted task) carries no data, only its code and the site's reason
@@ -89,8 +95,10 @@ class OutgoingAudit(Filter):
         if dxo.data_kind in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
             # the contract's keys only; shared keys may be missing when a privacy filter removed them
             self.contract.check_outgoing(dxo.data.keys(), self.model_keys, site, allow_missing_shared=True)
-            record["tensors"] = {k: list(np.shape(v)) for k, v in dxo.data.items()}
-            record["n_values"] = int(sum(np.size(v) for v in dxo.data.values()))
+            record["tensors"] = _shapes(dxo, site)
+            record["n_values"] = int(sum(np.prod(shape, dtype=np.int64) for shape in record["tensors"].values()))
+            if dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM) is not None:
+                record["quantization"] = str(dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM))
             metrics = dxo.meta.get(MetaKey.INITIAL_METRICS) or {}
         elif dxo.data_kind == DataKind.METRICS:
             record["tensors"] = {}
@@ -99,7 +107,8 @@ class OutgoingAudit(Filter):
             raise ContractViolation(
                 f"site {site!r} would send data of kind {dxo.data_kind!r}, which LC-Fed never sends"
             )
-        unexpected_meta = sorted(k for k in dxo.meta if k not in _ALLOWED_META and not k.startswith("__"))
+        allowed = _ALLOWED_META | (_QUANT_META if dxo.data_kind != DataKind.METRICS else set())
+        unexpected_meta = sorted(k for k in dxo.meta if k not in allowed and not k.startswith("__"))
         if unexpected_meta:
             raise ContractViolation(f"site {site!r} would send unexpected metadata {unexpected_meta}")
         for name, value in metrics.items():
@@ -109,7 +118,7 @@ class OutgoingAudit(Filter):
         record["meta"] = {
             k: (v if k == MetaKey.FILTER_HISTORY else float(v))
             for k, v in dxo.meta.items()
-            if k != MetaKey.INITIAL_METRICS
+            if k != MetaKey.INITIAL_METRICS and k not in _QUANT_META
         }
         self._write(site, fl_ctx, record)
         return shareable
@@ -119,6 +128,27 @@ class OutgoingAudit(Filter):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def _shapes(dxo, site: str) -> dict[str, list[int]]:
+    """Each tensor's shape; for a quantized message the shape it is restored to, after checking that the
+    quantization state describes only the tensors the message carries (no extra payload under its cover)."""
+    shapes = {k: list(np.shape(v)) for k, v in dxo.data.items()}
+    for meta_key in (QUANT_STATE, SOURCE_DTYPE):
+        described = dxo.meta.get(meta_key)
+        if described is None:
+            continue
+        if not isinstance(described, dict) or set(described) - set(shapes):
+            extra = sorted(set(described) - set(shapes)) if isinstance(described, dict) else type(described).__name__
+            raise ContractViolation(
+                f"site {site!r} would send quantization metadata {meta_key!r} beyond its tensors: {extra}"
+            )
+    for name, state in (dxo.meta.get(QUANT_STATE) or {}).items():
+        # adaquant ("tensor_shape") and the 4-bit types ("shape") send packed or placeholder arrays
+        shape = state.get("tensor_shape", state.get("shape")) if isinstance(state, dict) else None
+        if shape is not None:
+            shapes[name] = [int(n) for n in shape]
+    return shapes
 
 
 def _round_of(shareable: Shareable, fl_ctx: FLContext) -> int | None:

@@ -1,7 +1,9 @@
 """Measure what actually crosses the wire: a server-side filter that sizes every task and result.
 
 The size is the length of the FOBS serialization of the Shareable as the server hands it to / gets it
-from FLARE's messaging (headers, metadata and arrays included), not a count of parameters.
+from FLARE's messaging (headers, metadata and arrays included), not a count of parameters. ``payload`` is
+the serialized DXO alone (arrays and their metadata, quantization state included): the part a site's
+outgoing audit logs identically, since FLARE adds its task headers to a result after the site's filters.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from nvflare.fuel.utils import fobs
 
 from ..data.layout import write_json_atomic
 
-__all__ = ["TrafficMeter", "TRAFFIC_FILE"]
+__all__ = ["TrafficMeter", "TRAFFIC_FILE", "payload_bytes"]
 
 TRAFFIC_FILE = "lcfed_traffic.json"
 
@@ -32,6 +34,15 @@ def _keys_of(shareable: Shareable) -> list[str]:
     except ValueError:
         return []
     return sorted(data) if isinstance(data, dict) else []
+
+
+def payload_bytes(shareable: Shareable) -> int:
+    """Serialized size of the message's DXO (0 for a message without one, e.g. an error reply)."""
+    try:
+        dxo = from_shareable(shareable)
+    except ValueError:
+        return 0
+    return len(fobs.dumps(dxo.to_dict()))
 
 
 class TrafficMeter(Filter):
@@ -61,7 +72,8 @@ class TrafficMeter(Filter):
         path = app_dir / TRAFFIC_FILE
         with self._lock:
             record = json.loads(path.read_text()) if path.is_file() else {"to_site": [], "from_site": []}
-            entry = {"site": site, "task": task, "bytes": size, "time": time.time()}
+            entry = {"site": site, "task": task, "bytes": size, "payload": payload_bytes(shareable)}
+            entry["time"] = time.time()
             if self.direction == "from_site":
                 entry["keys"] = _keys_of(shareable)
             record[self.direction].append(entry)
