@@ -623,15 +623,16 @@ def run_benchmark(
     preset: str = "demo",
     options: dict[str, Any] | None = None,
     command: str = "",
-    show: Callable[[str], None] = print,
+    show: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every (data set, algorithm, seed), then write each regime's tables and the summary.
 
     ``data_dir``: one folder, ``--data`` values (see :func:`parse_data_sets`) or ``{regime: folder}``.
     Returns ``{"summary", "comparison", "overview"}`` of a single regime, or ``{"regimes": {name: that}}``.
     """
-    from lcfed.ops.run import RoundProgress, format_duration
+    from lcfed.ops.run import RoundProgress, format_duration, show_line
 
+    show = show or show_line
     for a in algos:
         get_algorithm(a)  # unknown names fail before hours of runs
     data_sets = {k: Path(v) for k, v in data_dir.items()} if isinstance(data_dir, dict) else parse_data_sets(data_dir)

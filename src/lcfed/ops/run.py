@@ -22,6 +22,7 @@ __all__ = [
     "RunFailed",
     "RoundProgress",
     "format_duration",
+    "show_line",
     "job_folder_info",
     "simulate_job_folder",
     "prepare_workspace",
@@ -42,6 +43,11 @@ PROGRESS = re.compile(
 
 # the server's line for each aggregated round (lcfed.runtime.fl.aggregator); the round index is 0-based
 ROUND_DONE = re.compile(r"round (\d+): aggregated \d+ site\(s\).*?mean val dice (\S+?);")
+
+
+def show_line(line: str) -> None:
+    """Print and flush: progress piped into a file or ``tee`` must appear as it happens, not at exit."""
+    print(line, flush=True)
 
 
 def format_duration(seconds: float) -> str:
@@ -267,7 +273,7 @@ def simulate_job_folder(
     workspace: str | os.PathLike,
     parallel: int | None = None,
     verbose: bool = False,
-    show: Callable[[str], None] = print,
+    show: Callable[[str], None] = show_line,
     on_round: Callable[[RoundProgress], None] | None = None,
 ) -> Path:
     """Run an exported job folder in FLARE's simulator (one client per site of the job) under ``workspace``.
@@ -341,7 +347,7 @@ def run_simulator(
     workspace: str | os.PathLike,
     parallel: int | None = None,
     verbose: bool = False,
-    show: Callable[[str], None] = print,
+    show: Callable[[str], None] = show_line,
     on_round: Callable[[RoundProgress], None] | None = None,
 ) -> Path:
     """Export ``spec`` to ``workspace/job`` and run it with :func:`simulate_job_folder`."""
@@ -371,7 +377,7 @@ def run_and_report(
     options: dict[str, Any] | None = None,
     parallel: int | None = None,
     verbose: bool = False,
-    show: Callable[[str], None] = print,
+    show: Callable[[str], None] = show_line,
     overwrite: bool = False,
     resume: bool = False,
 ) -> dict[str, Any]:
