@@ -30,7 +30,8 @@ Two regimes (``--regime``):
      axial levels and must generalise to the others, which the other sites' slices cover;
   3. more anatomical variety between subjects: a per-patient elastic + affine deformation about twice as
      strong (larger magnitude, finer control grid, more rotation, anisotropic scaling), so one patient no
-     longer stands for the population and the test patients differ from the training ones;
+     longer stands for the population and the test patients differ from the training ones (at the
+     extremes beyond real anatomy: a stretched brain may touch the border of the image);
   4. milder annotation shifts: each site's threshold moves a third as far from 0.5 as in ``rich``, so the
      label conventions still differ (LC-Fed's calibration has something to do) but pooling sites' data is
      worth more than it costs.
