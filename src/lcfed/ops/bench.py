@@ -492,7 +492,7 @@ def _overview_sentence(glance: dict[str, Any]) -> str:
 def write_overview(out: Path, regimes: dict[str, dict[str, Any]], command: str) -> None:
     """``summary.md`` and ``results.json`` (key ``overview``) over every regime of a benchmark.
 
-    ``regimes`` maps a regime's name to ``{"data", "folder", "overview"}`` (see :func:`overview`).
+    ``regimes`` maps a regime's name to ``{"data", "table", "overview"}`` (see :func:`overview`).
     """
     out.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -524,7 +524,7 @@ def write_overview(out: Path, regimes: dict[str, dict[str, Any]], command: str) 
                 ranks,
             ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Tables: " + ", ".join(f"`{r['folder']}`" for r in regimes.values()), ""]
+    lines += ["", "Tables: " + ", ".join(f"`{r['table']}`" for r in regimes.values()), ""]
     (out / "summary.md").write_text("\n".join(lines))
     path = out / "results.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
@@ -683,7 +683,7 @@ def run_benchmark(
         results[name] = {"summary": summary, "comparison": comparison, "overview": glance}
         regimes_overview[name] = {
             "data": str(data_sets[name]),
-            "folder": str(folders[name] / "table.md"),
+            "table": str(folders[name] / "table.md"),
             "overview": glance,
         }
         show((folders[name] / "table.md").read_text())
