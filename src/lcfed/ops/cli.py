@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="rich",
         choices=REGIMES,
         help="rich (default): 20/14/9/7 patients, 6 labelled slices each; scarce: 2/2/1/1 training patients "
-        "with 2 labelled slices, more varied anatomy, milder annotation shifts, the same validation/test patients",
+        "with 1 labelled slice each, more varied anatomy, milder annotation shifts, no T2-like contrast "
+        "inversion, as many validation/test patients as rich",
     )
 
     imp = data.add_parser("import", help="import a real data layout into the bundle's convention")
