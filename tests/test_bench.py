@@ -252,3 +252,10 @@ def test_resumed_run_extrapolates_from_the_rounds_this_process_ran():
 @pytest.mark.parametrize("seconds,text", [(0, "0s"), (42.4, "42s"), (185, "3m05s"), (3720, "1h02m")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_bench_command_line_takes_several_data_sets():
+    from lcfed.ops.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--data", "rich=a", "scarce=b", "--data", "c", "--out", "o"])
+    assert [d for group in args.data for d in group] == ["rich=a", "scarce=b", "c"]
