@@ -23,9 +23,9 @@ Two regimes (``--regime``):
   alone. Fewer training patients alone does not make it: each subject is a deformed copy of one template,
   so a site learns the template from a single patient, while the site shifts punish any shared model
   (2/2/1/1 training patients gave Local above FedAvg). A first design with two labelled slices per
-  training patient, stronger deformations and thresholds a third as far from 0.5 still left Local ahead
-  (0.751 vs 0.728 at seed 0), FedAvg losing most at the T2-like site (0.51 vs 0.60): its inverted contrast
-  was two of twelve training slices. Five changes make the regime, each for a reason:
+  training patient, stronger deformations and thresholds a third as far from 0.5 still left Local ahead,
+  FedAvg losing most at the T2-like site, whose inverted contrast was two of twelve training slices. Five
+  changes make the regime, each for a reason:
 
   1. fewer training patients, one per six of ``rich`` (2/2/1/1), a federation-sized site;
   2. sparse annotation: a training patient has ``SCARCE_TRAIN_SLICES`` (one) labelled slice at a random
