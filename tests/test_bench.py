@@ -2,11 +2,22 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lcfed.ops.bench import compare, per_seed, summarize, write_outputs
+from lcfed.ops.bench import (
+    compare,
+    overview,
+    parse_data_sets,
+    per_seed,
+    round_counts,
+    run_benchmark,
+    summarize,
+    write_outputs,
+)
+from lcfed.ops.run import RoundProgress, format_duration
 
 SITES = ["site-a", "site-b"]
 METRICS = ("dice", "iou", "hd95", "assd")
@@ -113,3 +124,138 @@ def test_per_seed_measures_staged_hc_within_the_run(runs):
     row = next(x for x in rows if (x["algo"], x["seed"]) == (r["algo"], r["seed"]))
     assert row["hc_val_dice"] == pytest.approx((0.7, 0.9))
     assert all(x["hc_val_dice"] is None for x in rows if x is not row)
+
+
+def _with_classes(run: dict, per_class_dice: list[float]) -> dict:
+    """The run's mean over sites with per-class values (two classes, as the demo's tissue and wm)."""
+    run["mean"]["per_class"] = {
+        "dice": per_class_dice,
+        "iou": [d / (2 - d) for d in per_class_dice],
+        "hd95": [1.0, 3.0],
+        "assd": [0.5, 1.5],
+    }
+    run["class_names"] = ["tissue", "wm"]
+    return run
+
+
+def test_overview_ranks_every_method_and_tests_the_best_against_the_runner_up(runs):
+    glance = overview(runs, summarize(runs))
+    assert glance["ranking"] == ["lcfed", "fedavg", "local"]
+    assert (glance["best"], glance["runner_up"]) == ("lcfed", "fedavg")
+    assert glance["margin"] == pytest.approx(0.021)  # 0.02 + 0.001 * seed, mean over seeds 0..2
+    assert glance["margin_per_seed"] == pytest.approx([0.02, 0.021, 0.022])
+    assert glance["n_cases"] == 16 and glance["wilcoxon_p"] < 0.01
+    assert glance["lcfed_ranks"] == {"lcfed": 1}
+
+
+def test_round_counts_tell_network_rounds_from_hc_only_rounds(runs):
+    net = [{"round": k, "dice_loss": 0.3, "hc_dice_loss": 0.3} for k in range(3)]  # joint HC: network rounds
+    hc = [{"round": k, "hc_dice_loss": 0.2} for k in (3, 4)]  # staged: network frozen
+    r = runs[2]
+    r["histories"] = {"site-a": net + hc, "site-b": net + hc}
+    assert round_counts(r) == (3, 2)
+    # no history recorded: the configured HC budget and the aggregated rounds stand in
+    assert round_counts({"histories": {}, "rounds": 10, "config_hc_rounds": 4}) == (6, 4)
+    summary = summarize(runs)
+    assert (summary["lcfed"]["network_rounds"], summary["lcfed"]["hc_rounds"]) == (pytest.approx(1.0), 2 / 3)
+    assert summary["lcfed"]["wall_time"] == pytest.approx(10.0)
+
+
+def test_tables_give_each_class_beside_the_mean_and_rounds_and_wall_time(runs, tmp_path):
+    for r in runs:
+        _with_classes(r, [0.9, 0.6] if r["algo"] != "local" else [0.8, 0.5])
+    summary = summarize(runs)
+    assert summary["fedavg"]["per_class"]["dice"][1] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.0)}
+    write_outputs(tmp_path, runs, summary, compare(runs, summary), "cmd", regime="scarce")
+    table = (tmp_path / "table.md").read_text()
+    assert table.startswith("## scarce")
+    assert "| algorithm | tissue Dice | tissue IoU | tissue HD95 | tissue ASSD | wm Dice |" in table
+    assert "| local | 0.8000 ± 0.0000 | 0.6667 ± 0.0000 | 1.00 ± 0.00 | 0.50 ± 0.00 | 0.5000 ± 0.0000 |" in table
+    assert "rounds net/HC" in table and "| 0/0 | 10s |" in table
+    assert "Best: lcfed" in table and "runner-up fedavg" in table
+    rows = list(csv.DictReader(open(tmp_path / "table.csv")))
+    wm = [r for r in rows if r["algorithm"] == "local" and r["site"] == "mean/wm" and r["metric"] == "dice"]
+    assert float(wm[0]["mean"]) == pytest.approx(0.5)
+
+
+def test_parse_data_sets_names_regimes(tiny_data, tmp_path):
+    # a demo set built before regimes existed (no "regime" in dataset.json) is the rich one
+    assert parse_data_sets([tiny_data]) == {"rich": Path(tiny_data)}
+    assert parse_data_sets([f"small={tiny_data}", f"other={tiny_data}"]) == {
+        "small": Path(tiny_data),
+        "other": Path(tiny_data),
+    }
+    with pytest.raises(ValueError, match="twice"):
+        parse_data_sets([tiny_data, f"rich={tmp_path}"])
+    with pytest.raises(ValueError, match="plain folder name"):
+        parse_data_sets([f"a/b={tiny_data}"])
+
+
+def test_bench_over_regimes_reuses_finished_runs_and_writes_a_summary(runs, tiny_data, tmp_path):
+    out = tmp_path / "bench"
+    worse = {s: [0.5] * 8 for s in SITES}
+    for regime in ("rich", "scarce"):
+        for r in runs:
+            if regime == "scarce" and r["algo"] == "local":
+                r = _run("local", r["seed"], worse, 1.0)  # local far behind in the scarce regime
+            path = out / regime / "runs" / r["algo"] / f"seed{r['seed']}" / "run.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(r))
+    lines: list[str] = []
+    result = run_benchmark(
+        [f"rich={tiny_data}", f"scarce={tiny_data}"],
+        ["fedavg", "local", "lcfed"],
+        [0, 1, 2],
+        out,
+        command="python -m lcfed bench ...",
+        show=lines.append,
+    )
+    assert "18 runs" in lines[0] and "18 finished before and reused, 0 to run" in lines[0]
+    assert any(line.startswith("[bench] run 18/18 (lcfed, seed 2, scarce): reusing") for line in lines)
+    assert set(result["regimes"]) == {"rich", "scarce"}
+    for regime in ("rich", "scarce"):
+        assert (out / regime / "table.md").read_text().startswith(f"## {regime}")
+    summary = (out / "summary.md").read_text()
+    assert "| rich |" in summary and "| scarce |" in summary and "lcfed 1/3" in summary
+    saved = json.loads((out / "results.json").read_text())["overview"]
+    assert saved["scarce"]["overview"]["ranking"][-1] == "local"
+    assert saved["rich"]["overview"]["best"] == "lcfed"
+
+
+SERVER_LINE = (
+    "2025-01-01 10:00:00,000 - LCFedAggregator - INFO - [identity=simulator_server] - round {r}: aggregated 4 "
+    "site(s) (site-a 0.8000, site-b 0.7000); mean val dice {d}; head bank ['site-a', 'site-b']"
+)
+
+
+def test_round_progress_reads_the_servers_round_lines():
+    p = RoundProgress(16)
+    assert not p.update("site site-a round 1/16: dice_loss 0.5; train 1.0 s")
+    assert p.remaining == 0.0  # nothing to extrapolate from yet
+    p.started -= 30.0  # as if the first three rounds took 30 s
+    assert p.update(SERVER_LINE.format(r=0, d="0.7500")) and p.update(SERVER_LINE.format(r=2, d="0.8125"))
+    assert (p.round, p.mean_val_dice) == (3, pytest.approx(0.8125))
+    assert p.remaining == pytest.approx(p.elapsed / 3 * 13, rel=0.01)
+    text = p.describe()
+    assert text.startswith("round 3/16, mean val Dice 0.8125, 30s elapsed, ~2m") and text.endswith(" left")
+    assert p.update(SERVER_LINE.format(r=3, d="nan")) and "mean val Dice n/a" in p.describe()
+
+
+def test_resumed_run_extrapolates_from_the_rounds_this_process_ran():
+    p = RoundProgress(10)
+    p.started -= 20.0
+    p.update(SERVER_LINE.format(r=7, d="0.9"))  # resumed after round 7: two rounds of this process
+    p.update(SERVER_LINE.format(r=8, d="0.9"))
+    assert p.round == 9 and p.remaining == pytest.approx(p.elapsed / 2 * 1, rel=0.01)
+
+
+@pytest.mark.parametrize("seconds,text", [(0, "0s"), (42.4, "42s"), (185, "3m05s"), (3720, "1h02m")])
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_bench_command_line_takes_several_data_sets():
+    from lcfed.ops.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--data", "rich=a", "scarce=b", "--data", "c", "--out", "o"])
+    assert [d for group in args.data for d in group] == ["rich=a", "scarce=b", "c"]

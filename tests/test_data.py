@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,75 @@ def test_demo_command_line(tmp_path, capsys):
 def test_more_sites_than_the_four_defaults(tmp_path, n_sites):
     info = build_demo(tmp_path / "five", n_sites=n_sites, size=16, verbose=False)
     assert len(info.sites) == n_sites and len(set(info.sites)) == n_sites
+
+
+# ---------------------------------------------------------------------------------------------- regimes
+
+
+@pytest.fixture(scope="module")
+def regimes(tmp_path_factory) -> dict[str, Path]:
+    """The rich (default) and scarce demo at 32x32, four sites, seed 0."""
+    root = tmp_path_factory.mktemp("regimes")
+    assert main(["data", "demo", "--out", str(root / "scarce"), "--size", "32", "--regime", "scarce"]) == 0
+    build_demo(root / "rich", size=32, verbose=False)
+    return {"rich": root / "rich", "scarce": root / "scarce"}
+
+
+def _patients(folder: Path, site: str) -> dict[str, dict[str, int]]:
+    """split -> {patient: number of labelled slices}."""
+    dl = load_datalist(folder / site, site)
+    out: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        for e in dl[split]:
+            out.setdefault(split, {}).setdefault(e["case_id"], 0)
+            out[split][e["case_id"]] += 1
+    return out
+
+
+def test_scarce_regime_trains_on_few_sparsely_labelled_patients_and_tests_like_rich(regimes):
+    rich, scarce = load_dataset_info(regimes["rich"]), load_dataset_info(regimes["scarce"])
+    assert scarce.sites == rich.sites == ["site-a", "site-b", "site-c", "site-d"]
+    assert scarce.labels == rich.labels and scarce.extra["regime"] == "scarce" and "regime" not in rich.extra
+    for site, n_train in zip(scarce.sites, (2, 2, 1, 1)):
+        r, s = _patients(regimes["rich"], site), _patients(regimes["scarce"], site)
+        # one training patient per six of rich's, one labelled slice each
+        assert len(s["training"]) == n_train == math.ceil(len(r["training"]) / 6)
+        assert set(s["training"].values()) == {1} and set(r["training"].values()) == {6}
+        # validation and test: as many patients as rich, every slice labelled
+        for split in ("validation", "testing"):
+            assert len(s[split]) == len(r[split]) >= 1
+            assert set(s[split].values()) == {6}
+        # patient-wise splits
+        assert not (set(s["training"]) & set(s["validation"]) or set(s["training"]) & set(s["testing"]))
+        assert not set(s["validation"]) & set(s["testing"])
+    # milder annotation shift: each threshold a quarter as far from 0.5 as rich's
+    thresholds = {k: (rich.extra["sites"][k]["threshold"], v["threshold"]) for k, v in scarce.extra["sites"].items()}
+    for t_rich, t_scarce in thresholds.values():
+        assert t_scarce == pytest.approx(0.5 + (t_rich - 0.5) / 4, abs=1e-3)
+    # the T2-like site keeps its histogram shift but not the contrast inversion; the other scanners as rich
+    scanners = {k: (rich.extra["sites"][k]["scanner"], v["scanner"]) for k, v in scarce.extra["sites"].items()}
+    assert scanners["site-d"] == ("t2like", "histogram")
+    assert all(a == b for site, (a, b) in scanners.items() if site != "site-d")
+
+
+def _between_subject_spread(folder: Path, site: str) -> float:
+    """Mean pixel-wise std of the tissue label across subjects at the same slice index (validation + test)."""
+    data = load_site(folder, site, 32, splits=("validation", "testing"))
+    by_index: dict[int, list[np.ndarray]] = {}
+    for split in ("validation", "testing"):
+        part = data.splits[split]
+        for i, s in enumerate(part.slices):
+            by_index.setdefault(s, []).append(part.labels[i, 0].numpy())
+    return float(np.mean([np.stack(v).std(axis=0).mean() for v in by_index.values()]))
+
+
+def test_scarce_subjects_vary_more_in_anatomy_than_rich(regimes):
+    # the same site and slice levels; only the per-subject deformation differs (about 0.17 vs 0.27 at seed 0)
+    rich = _between_subject_spread(regimes["rich"], "site-a")
+    scarce = _between_subject_spread(regimes["scarce"], "site-a")
+    assert scarce > 1.3 * rich
+
+
+def test_unknown_regime_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown regime 'poor'"):
+        build_demo(tmp_path / "x", size=16, regime="poor", verbose=False)

@@ -21,8 +21,13 @@ def quiet(_: str) -> None:
 def test_simulator_run_trains_for_real_and_writes_results(tiny_data2, tmp_path):
     ws = tmp_path / "run"
     # 2 network rounds (0-1), then staged HC adds hc_rounds (tiny: 1) in which only HC trains (round 2)
-    results = run_and_report("lcfed", tiny_data2, ws, preset="tiny", options={"rounds": 2}, show=quiet)
+    lines: list[str] = []
+    results = run_and_report("lcfed", tiny_data2, ws, preset="tiny", options={"rounds": 2}, show=lines.append)
     sites = ["site-a", "site-b"]
+    # progress: each aggregated round as round r of R with the mean validation Dice, elapsed and what is left
+    progress = [line for line in lines if line.startswith("[lcfed] round ")]
+    assert [line.split(",")[0] for line in progress] == ["[lcfed] round 1/3", "[lcfed] round 2/3", "[lcfed] round 3/3"]
+    assert all("mean val Dice" in line and "elapsed" in line and "left" in line for line in progress)
     # every round aggregated both sites; the global shared model moved in every network round
     record = json.loads((ws / "simulator/server/simulate_job/app_server" / ROUNDS_FILE).read_text())
     assert [r["round"] for r in record["rounds"]] == [0, 1, 2]
@@ -55,6 +60,12 @@ def test_simulator_run_trains_for_real_and_writes_results(tiny_data2, tmp_path):
         assert 0.0 <= m["dice"] <= 1.0 and m["hd95"] >= 0
     assert results["mean"]["dice"] == metrics["mean"]["dice"]
     assert "mean over sites" in (out / "summary.md").read_text()
+    # two classes (tissue, wm): each class's metrics beside the mean over classes, named from dataset.json
+    assert metrics["class_names"] == ["tissue", "wm"]
+    for m in list(metrics["sites"].values()) + [metrics["mean"]]:
+        assert sorted(m["per_class"]) == ["assd", "dice", "hd95", "iou"]
+        assert m["dice"] == pytest.approx(sum(m["per_class"]["dice"]) / 2)
+    assert "| **mean over sites** | wm |" in (out / "summary.md").read_text()
 
 
 def test_a_broken_site_fails_the_run_loudly(tiny_data2, tmp_path):

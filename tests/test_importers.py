@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from lcfed.ops.data.importers import (
+    FRACTIONS,
     KINDS,
     import_dataset,
     import_fundus,
@@ -19,7 +20,7 @@ from lcfed.ops.data.importers import (
     import_polyp,
     import_prostate,
 )
-from lcfed.runtime.data.layout import SPLITS, DataError, load_datalist, load_dataset_info
+from lcfed.runtime.data.layout import SPLITS, DataError, load_datalist, load_dataset_info, split_by_patient
 
 ZOOMS = (0.5, 0.6, 3.0)
 SHAPE = (16, 12)  # not square, so a transposed slice would show
@@ -102,11 +103,16 @@ def polyp_mask() -> np.ndarray:
     return mask
 
 
-def make_polyp_site(root: Path, folder: str, n: int, ext: str = ".png") -> None:
+def make_polyp_site(root: Path, folder: str, n: int, ext: str = ".png", names: list[str] | None = None) -> None:
     rng = np.random.default_rng(n)
-    for i in range(n):
-        write_png(root / folder / "images" / f"{i + 1}{ext}", rng.integers(0, 255, (20, 20, 3), np.uint8))
-        write_png(root / folder / "masks" / f"{i + 1}.png", polyp_mask())
+    for stem in names or [str(i + 1) for i in range(n)]:
+        write_png(root / folder / "images" / f"{stem}{ext}", rng.integers(0, 255, (20, 20, 3), np.uint8))
+        write_png(root / folder / "masks" / f"{stem}.png", polyp_mask())
+
+
+# PraNet's TrainDataset mixes Kvasir-SEG ids and CVC-ClinicDB frame numbers in one folder
+KVASIR_TRAIN = ["cju0qkwl35piu0993l0dewei2", "cju0roawvklrq0799vmjorwfv", "ck2bxiswtxuw80838qkisqjwz"]
+CLINICDB_TRAIN = ["1", "2", "3", "4", "5"]
 
 
 def make_nvflare_client(data_dir: Path, client: str, n: int) -> list[str]:
@@ -415,42 +421,71 @@ def polyp_src(tmp_path: Path) -> Path:
     src = tmp_path / "PraNet"
     make_polyp_site(src / "TestDataset", "Kvasir", 4, ext=".jpg")
     make_polyp_site(src / "TestDataset", "ETIS-LaribPolypDB", 5)
+    make_polyp_site(src / "TestDataset", "CVC-ClinicDB", 2)
     make_polyp_site(src / "TestDataset", "CVC-300", 3)  # not an LC-Fed site
-    make_polyp_site(src, "TrainDataset", 3)  # mixed Kvasir + ClinicDB: not used
+    make_polyp_site(src, "TrainDataset", 0, names=KVASIR_TRAIN + CLINICDB_TRAIN)
     return src
 
 
 def test_polyp_sites_labels_and_splits(polyp_src, tmp_path):
     out = tmp_path / "out"
     info = import_polyp(polyp_src, out)
-    assert info.sites == ["kvasir", "etis"]
+    assert info.sites == ["kvasir", "etis", "cvc-clinicdb"]
     back = load_dataset_info(out)
     assert (back.channels, back.labels, back.largest_component) == (3, {"polyp": [1]}, False)
     expected = (polyp_mask() > 0).astype(np.uint8)
-    for site, n in {"kvasir": 4, "etis": 5}.items():
+    # Kvasir and CVC-ClinicDB whole: their TestDataset images pooled with theirs from TrainDataset (by file
+    # name), the same numbers (1.png, 2.png) in both folders kept apart by the train_ prefix
+    cases = {
+        "kvasir": {str(i + 1) for i in range(4)} | {f"train_{s}" for s in KVASIR_TRAIN},
+        "etis": {str(i + 1) for i in range(5)},
+        "cvc-clinicdb": {"1", "2"} | {f"train_{s}" for s in CLINICDB_TRAIN},
+    }
+    for site, ids in cases.items():
         dl = load_datalist(out / site, site)
         splits = split_of_cases(dl)
-        assert set(splits) == {str(i + 1) for i in range(n)} and all(len(s) == 1 for s in splits.values())
+        assert set(splits) == ids and all(len(s) == 1 for s in splits.values())
         assert all(dl[split] for split in SPLITS)
         for e in all_entries(dl):
             assert np.asarray(Image.open(e["image"])).shape == (20, 20, 3)
             np.testing.assert_array_equal(np.asarray(Image.open(e["label"])), expected)
+    # pooled before the split: training images of PraNet's TrainDataset land in every split, not one
+    kvasir = {c: s.pop() for c, s in split_of_cases(load_datalist(out / "kvasir", "kvasir")).items()}
+    whole = split_by_patient(cases["kvasir"], FRACTIONS, seed=0)
+    assert kvasir == {c: split for split, ids in whole.items() for c in ids}
+    sites = back.extra["sites"]
+    assert (sites["kvasir"]["pranet_train_images"], sites["kvasir"]["pranet_test_images"]) == (3, 4)
+    assert (sites["cvc-clinicdb"]["pranet_train_images"], sites["cvc-clinicdb"]["pranet_test_images"]) == (5, 2)
 
 
 def test_polyp_accepts_testdataset_folder_and_resizes(polyp_src, tmp_path):
     info = import_dataset("polyp", polyp_src / "TestDataset", tmp_path / "out", size=8)
-    assert info.sites == ["kvasir", "etis"]
+    assert info.sites == ["kvasir", "etis", "cvc-clinicdb"]  # the TrainDataset beside it is found too
+    assert len(split_of_cases(load_datalist(tmp_path / "out" / "kvasir", "kvasir"))) == 4 + len(KVASIR_TRAIN)
     e = all_entries(load_datalist(tmp_path / "out" / "etis", "etis"))[0]
     assert np.asarray(Image.open(e["image"])).shape == (8, 8, 3)
     assert set(np.unique(np.asarray(Image.open(e["label"])))) == {0, 1}
 
 
-def test_polyp_train_dataset_alone_is_a_layout_error(tmp_path):
+def test_polyp_train_dataset_alone_gives_its_two_sites(tmp_path):
     src = tmp_path / "PraNet"
-    make_polyp_site(src, "TrainDataset", 2)
-    with pytest.raises(DataError, match="TestDataset/.*ETIS-LaribPolypDB") as e:
+    make_polyp_site(src, "TrainDataset", 0, names=KVASIR_TRAIN + CLINICDB_TRAIN)
+    info = import_polyp(src, tmp_path / "out")
+    assert info.sites == ["kvasir", "cvc-clinicdb"]
+
+
+def test_polyp_train_image_of_no_known_site_is_named(polyp_src, tmp_path):
+    make_polyp_site(polyp_src, "TrainDataset", 0, names=["Frame_07"])
+    with pytest.raises(DataError, match="cannot tell which site") as e:
+        import_polyp(polyp_src, tmp_path / "out")
+    assert e.value.file.endswith("TrainDataset/images/Frame_07.png")
+
+
+def test_polyp_without_any_site_folder_is_a_layout_error(tmp_path):
+    src = tmp_path / "PraNet"
+    make_polyp_site(src / "TestDataset", "CVC-300", 2)
+    with pytest.raises(DataError, match="TestDataset/.*ETIS-LaribPolypDB"):
         import_polyp(src, tmp_path / "out")
-    assert "TrainDataset alone" in str(e.value) and e.value.file == str(src)
 
 
 def test_polyp_missing_mask_and_shape_mismatch(polyp_src, tmp_path):

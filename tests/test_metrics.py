@@ -14,6 +14,7 @@ from lcfed.runtime.metrics import (
     evaluate_site,
     largest_component,
     mean_over_sites,
+    mean_per_class,
     regroup_cases,
 )
 
@@ -332,7 +333,9 @@ def test_evaluate_site_without_lcc():
     assert p1["iou"] == pytest.approx(4 / 5)
     assert p1["hd95"] == pytest.approx(0.8 * math.sqrt(32), rel=1e-5)
     assert p1["assd"] == pytest.approx(math.sqrt(32) / 9, rel=1e-5)
-    assert res["cases"]["p2"] == pytest.approx({"dice": 1.0, "iou": 1.0, "hd95": 0.0, "assd": 0.0})
+    p2 = {k: v for k, v in res["cases"]["p2"].items() if k != "per_class"}
+    assert p2 == pytest.approx({"dice": 1.0, "iou": 1.0, "hd95": 0.0, "assd": 0.0})
+    assert res["cases"]["p1"]["per_class"]["dice"] == pytest.approx([8 / 9])  # one class: itself
     assert res["dice"] == pytest.approx((8 / 9 + 1.0) / 2)
     assert res["hd95"] == pytest.approx(0.4 * math.sqrt(32), rel=1e-5)
     assert isinstance(res["dice"], float)
@@ -382,3 +385,49 @@ def test_mean_over_sites_from_evaluate_site():
     b = evaluate_site(ids, sl, probs, labels, largest_cc=True)  # dice 1
     out = mean_over_sites({"A": a, "B": b})
     assert out["dice"] == pytest.approx(((8 / 9 + 1) / 2 + 1) / 2)
+
+
+# --------------------------------------------------------------------------------------- per class
+
+
+def _two_class_site():
+    """Two cases of one 8x8 slice, two overlapping classes (like disc and cup).
+
+    Class 0 (the big square) is predicted perfectly in both cases; class 1 (the small square) is perfect in
+    case "a" and half missed in case "b" (Dice 2*2/(4+2) = 2/3).
+    """
+    lab = np.zeros((2, 8, 8))
+    lab[0, 1:7, 1:7] = 1.0
+    lab[1, 3:5, 3:5] = 1.0
+    half = lab.copy()
+    half[1, 3:5, 4] = 0.0
+    return ["a", "b"], [0, 0], [lab * 0.9, half * 0.9], [lab, lab]
+
+
+def test_evaluate_site_reports_each_class_beside_the_mean():
+    ids, sl, probs, labels = _two_class_site()
+    res = evaluate_site(ids, sl, probs, labels, largest_cc=False)
+    assert res["cases"]["b"]["per_class"]["dice"] == pytest.approx([1.0, 2 / 3])
+    assert res["cases"]["b"]["dice"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert res["per_class"]["dice"] == pytest.approx([1.0, (1.0 + 2 / 3) / 2])
+    assert res["per_class"]["iou"] == pytest.approx([1.0, (1.0 + 1 / 2) / 2])
+    assert set(res["per_class"]) == set(METRIC_NAMES)
+    # the site's mean over classes is the mean of its per-class values
+    assert res["dice"] == pytest.approx(np.mean(res["per_class"]["dice"]))
+    assert res["per_class"]["hd95"][0] == 0.0 and res["per_class"]["hd95"][1] > 0.0
+
+
+def test_mean_over_sites_averages_each_class():
+    ids, sl, probs, labels = _two_class_site()
+    a = evaluate_site(ids, sl, probs, labels, largest_cc=False)
+    b = evaluate_site(ids[:1], sl[:1], probs[:1], labels[:1], largest_cc=False)  # case "a" only: perfect
+    out = mean_over_sites({"A": a, "B": b})
+    assert out["per_class"]["dice"] == pytest.approx([1.0, ((1.0 + 2 / 3) / 2 + 1.0) / 2])
+
+
+def test_mean_per_class_refuses_to_mix_class_counts():
+    two = {"dice": [1.0, 0.5]}
+    assert mean_per_class([two, {"dice": [0.0, 0.5]}]) == {"dice": [0.5, 0.5]}
+    assert mean_per_class([two, {"dice": [1.0]}]) is None  # different data sets
+    assert mean_per_class([two, None]) is None  # a result written before per-class values
+    assert "per_class" not in mean_over_sites({"A": {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "assd": 0.0}})

@@ -1,14 +1,21 @@
-"""``python -m lcfed bench``: every algorithm through FLARE's simulator, several seeds, one table.
+"""``python -m lcfed bench``: every algorithm through FLARE's simulator, several seeds, one table per data set.
 
-For each (algorithm, seed) the job is exported and run in the simulator exactly like ``lcfed run``;
-each site's selected checkpoint (best validation Dice) is evaluated on its test split. Finished runs
-are kept under ``OUT/runs/<algo>/seed<k>/run.json`` and reused, so an interrupted benchmark resumes.
+For each (data set, algorithm, seed) the job is exported and run in the simulator exactly like ``lcfed
+run``; each site's selected checkpoint (best validation Dice) is evaluated on its test split. Finished
+runs are kept under ``runs/<algo>/seed<k>/run.json`` and reused, so an interrupted benchmark resumes.
+While it runs, every aggregated round prints which run it is (i of N: algorithm, seed, regime), the
+round, the last mean validation Dice, the elapsed time and an estimate of what is left.
 
-Outputs in ``OUT``: ``results.json`` (everything), ``table.md`` and ``table.csv`` (per site and mean,
-mean +- std over seeds), ``bench.png`` (bars) and ``curves.png`` (mean validation Dice per round).
+Several data sets ("regimes", e.g. ``--data rich=data/demo scarce=data/demo-scarce``) each get their own
+folder ``OUT/<regime>/``; a single one writes straight into ``OUT`` (as before, so its runs are reused).
+Per regime: ``results.json`` (everything), ``table.md`` and ``table.csv`` (per site and mean, mean +- std
+over seeds, per class when there are several, rounds and wall time), ``bench.png`` (bars) and
+``curves.png`` (mean validation Dice per round). ``OUT/summary.md`` and ``OUT/results.json`` (key
+``overview``) give per regime the best method, its margin over the runner-up with a Wilcoxon test and
+the rank of every LC-Fed variant.
 Communication is measured on the serialized messages (:mod:`lcfed.runtime.fl.traffic`), wall time per round
-on the server (:mod:`lcfed.runtime.fl.aggregator`). LC-Fed is compared with the best baseline by a Wilcoxon
-signed-rank test over test cases (paired per case, each case's Dice averaged over seeds).
+on the server (:mod:`lcfed.runtime.fl.aggregator`). Paired tests are Wilcoxon signed-rank tests over test
+cases (paired per case, each case's Dice averaged over seeds).
 """
 
 from __future__ import annotations
@@ -24,10 +31,22 @@ from typing import Any
 import numpy as np
 
 from lcfed.runtime.algorithms import BASELINES, get_algorithm
-from lcfed.runtime.data.layout import load_dataset_info, write_json_atomic
+from lcfed.runtime.config import make_config
+from lcfed.runtime.data.layout import DataError, load_dataset_info, write_json_atomic
 from lcfed.runtime.metrics import METRIC_NAMES
 
-__all__ = ["run_benchmark", "summarize", "compare", "per_seed", "write_outputs"]
+__all__ = [
+    "run_benchmark",
+    "summarize",
+    "compare",
+    "paired",
+    "overview",
+    "per_seed",
+    "round_counts",
+    "write_outputs",
+    "write_overview",
+    "parse_data_sets",
+]
 
 
 def _traffic(sim_ws: Path) -> dict[str, Any]:
@@ -45,6 +64,10 @@ def _traffic(sim_ws: Path) -> dict[str, Any]:
     return out
 
 
+def _run_dir(out: Path, algo: str, seed: int) -> Path:
+    return out / "runs" / algo / f"seed{seed}"
+
+
 def _one_run(
     algo: str,
     seed: int,
@@ -53,13 +76,15 @@ def _one_run(
     preset: str,
     options: dict[str, Any],
     show: Callable[[str], None],
+    on_round: Callable[[Any], None] | None = None,
+    label: str = "",
     quantize: str = "",
 ) -> dict[str, Any]:
     from lcfed.ops.evaluation import evaluate_checkpoints
     from lcfed.ops.jobs import JobSpec
     from lcfed.ops.run import prepare_workspace, run_simulator, simulator_checkpoints
 
-    ws = out / "runs" / algo / f"seed{seed}"
+    ws = _run_dir(out, algo, seed)
     done = ws / "run.json"
     if done.is_file():
         kept = json.loads(done.read_text())
@@ -67,7 +92,7 @@ def _one_run(
             raise ValueError(
                 f"{done} was run with quantize={kept.get('quantize', '')!r}, not {quantize!r}: use another --out"
             )
-        show(f"[bench] {algo} seed {seed}: reusing {done}")
+        show(f"[bench] {label}: reusing {done}")
         return kept
     info = load_dataset_info(data_dir)
     spec = JobSpec(
@@ -79,9 +104,10 @@ def _one_run(
         n_classes=info.n_classes,
         quantize=quantize,
     )
+    config = make_config(preset, **spec.options)
     prepare_workspace(ws, overwrite=True)
     t0 = time.perf_counter()
-    sim_ws = run_simulator(spec, data_dir, ws, show=lambda line: None)
+    sim_ws = run_simulator(spec, data_dir, ws, show=lambda line: None, on_round=on_round)
     wall = time.perf_counter() - t0
     evaluation = evaluate_checkpoints(
         data_dir, simulator_checkpoints(ws / "models", spec.sites, spec.job_name), overlay_cases=0
@@ -94,18 +120,45 @@ def _one_run(
         "sites": {s: {k: v for k, v in m.items()} for s, m in evaluation["sites"].items()},
         "mean": evaluation["mean"],
         "distance_unit": evaluation["distance_unit"],
+        "class_names": evaluation["class_names"],
         "histories": evaluation["histories"],
         "traffic": _traffic(sim_ws),
         "round_time": float(np.mean([r["time"] for r in rounds])),
         "wall_time": wall,
+        "rounds": len(rounds),
+        # HC's own round budget, where the configuration has one (read defensively: older configs do not)
+        "config_hc_rounds": int(getattr(config, "hc_rounds", 0) or 0),
     }
     write_json_atomic(done, result)
     sent_kb = result["traffic"].get("from_site_mean", 0) / 1e3
     show(
-        f"[bench] {algo} seed {seed}: mean Dice {result['mean']['dice']:.4f}, "
-        f"{result['round_time']:.1f} s/round, {sent_kb:.1f} kB sent per site and round"
+        f"[bench] {label}: mean Dice {result['mean']['dice']:.4f}, {result['round_time']:.1f} s/round, "
+        f"{sent_kb:.1f} kB sent per site and round, {_duration(wall)}"
     )
     return result
+
+
+def _duration(seconds: float) -> str:
+    from lcfed.ops.run import format_duration
+
+    return format_duration(seconds)
+
+
+def round_counts(run: dict[str, Any]) -> tuple[int, int]:
+    """(network rounds, HC rounds) of a run.
+
+    HC rounds are the rounds in which every site trained HC alone (its history logs ``hc_dice_loss`` and
+    no ``dice_loss``: the network frozen); network rounds are the others. Where the histories say nothing
+    (no rounds recorded), the run's configured ``hc_rounds`` and its aggregated rounds stand in.
+    """
+    histories = [h for h in run.get("histories", {}).values() if h]
+    n = min((len(h) for h in histories), default=0)
+    if not n:
+        total = int(run.get("rounds", 0))
+        hc = int(run.get("config_hc_rounds", 0))
+        return max(total - hc, 0), hc
+    hc = sum(1 for k in range(n) if all("hc_dice_loss" in h[k] and "dice_loss" not in h[k] for h in histories))
+    return n - hc, hc
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -132,6 +185,17 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         entry["bytes_sent_per_round"] = float(np.mean([r["traffic"].get("from_site_mean", 0.0) for r in rs]))
         entry["bytes_received_per_round"] = float(np.mean([r["traffic"].get("to_site_mean", 0.0) for r in rs]))
         entry["round_time"] = float(np.mean([r["round_time"] for r in rs]))
+        entry["wall_time"] = float(np.mean([r.get("wall_time", 0.0) for r in rs]))
+        counts = [round_counts(r) for r in rs]
+        entry["network_rounds"] = float(np.mean([c[0] for c in counts]))
+        entry["hc_rounds"] = float(np.mean([c[1] for c in counts]))
+        per_class = [r["mean"].get("per_class") for r in rs]
+        if all(per_class) and len({len(pc["dice"]) for pc in per_class}) == 1:
+            entry["per_class"] = {
+                m: [{"mean": float(np.mean(v)), "std": float(np.std(v))} for v in zip(*[pc[m] for pc in per_class])]
+                for m in METRIC_NAMES
+                if all(m in pc for pc in per_class)
+            }
         entry["description"] = get_algorithm(algo).description
         summary[algo] = entry
     return summary
@@ -149,33 +213,66 @@ def _case_dice(runs: Sequence[dict[str, Any]], algo: str) -> dict[tuple[str, str
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
-def compare(runs: Sequence[dict[str, Any]], summary: dict[str, Any], lcfed: str = "lcfed") -> dict[str, Any] | None:
-    """LC-Fed against the best baseline: difference of mean Dice per seed and a Wilcoxon test over cases."""
+def paired(runs: Sequence[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """``a`` against ``b``: mean test Dice difference per seed and a Wilcoxon signed-rank test over cases.
+
+    Cases are paired by (site, case); each case's Dice is averaged over the seeds of each algorithm. The
+    p-value is 1.0 when fewer than two cases pair up or every pair is equal.
+    """
     from scipy.stats import wilcoxon
 
-    baselines = [a for a in summary if a in BASELINES]
-    if lcfed not in summary or not baselines:
-        return None
-    best = max(baselines, key=lambda a: summary[a]["mean"]["dice"]["mean"])
-    per_seed = {r["seed"]: r["mean"]["dice"] for r in runs if r["algo"] == lcfed}
-    base_seed = {r["seed"]: r["mean"]["dice"] for r in runs if r["algo"] == best}
-    diffs = [per_seed[s] - base_seed[s] for s in sorted(set(per_seed) & set(base_seed))]
-    a, b = _case_dice(runs, lcfed), _case_dice(runs, best)
-    keys = sorted(set(a) & set(b))
-    x, y = np.array([a[k] for k in keys]), np.array([b[k] for k in keys])
+    per_a = {r["seed"]: r["mean"]["dice"] for r in runs if r["algo"] == a}
+    per_b = {r["seed"]: r["mean"]["dice"] for r in runs if r["algo"] == b}
+    diffs = [per_a[s] - per_b[s] for s in sorted(set(per_a) & set(per_b))]
+    ca, cb = _case_dice(runs, a), _case_dice(runs, b)
+    keys = sorted(set(ca) & set(cb))
+    x, y = np.array([ca[k] for k in keys]), np.array([cb[k] for k in keys])
     p = float(wilcoxon(x, y).pvalue) if len(keys) >= 2 and np.any(x != y) else 1.0
     return {
-        "lcfed": lcfed,
-        "best_baseline": best,
         "dice_difference_mean": float(np.mean(diffs)) if diffs else float("nan"),
         "dice_difference_std": float(np.std(diffs)) if diffs else float("nan"),
         "per_seed_difference": diffs,
         "n_cases": len(keys),
         "wilcoxon_p": p,
-        "lcfed_case_mean": float(x.mean()) if len(x) else float("nan"),
-        "baseline_case_mean": float(y.mean()) if len(y) else float("nan"),
+        "case_means": (float(x.mean()) if len(x) else float("nan"), float(y.mean()) if len(y) else float("nan")),
+    }
+
+
+def compare(runs: Sequence[dict[str, Any]], summary: dict[str, Any], lcfed: str = "lcfed") -> dict[str, Any] | None:
+    """LC-Fed against the best baseline: difference of mean Dice per seed and a Wilcoxon test over cases."""
+    baselines = [a for a in summary if a in BASELINES]
+    if lcfed not in summary or not baselines:
+        return None
+    best = max(baselines, key=lambda a: summary[a]["mean"]["dice"]["mean"])
+    test = paired(runs, lcfed, best)
+    return {
+        "lcfed": lcfed,
+        "best_baseline": best,
+        **{k: v for k, v in test.items() if k != "case_means"},
+        "lcfed_case_mean": test["case_means"][0],
+        "baseline_case_mean": test["case_means"][1],
         "bytes_ratio": summary[lcfed]["bytes_sent_per_round"] / max(summary[best]["bytes_sent_per_round"], 1.0),
     }
+
+
+def overview(runs: Sequence[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    """One regime at a glance: the ranking by mean test Dice, the best method's margin over the runner-up
+    (with :func:`paired`'s Wilcoxon test) and the rank (1 = best) of every ``lcfed*`` algorithm."""
+    ranking = sorted(summary, key=lambda a: -summary[a]["mean"]["dice"]["mean"])
+    out: dict[str, Any] = {
+        "ranking": ranking,
+        "mean_dice": {a: summary[a]["mean"]["dice"]["mean"] for a in ranking},
+        "best": ranking[0],
+        "runner_up": ranking[1] if len(ranking) > 1 else None,
+        "lcfed_ranks": {a: ranking.index(a) + 1 for a in ranking if a.startswith("lcfed")},
+    }
+    if len(ranking) > 1:
+        test = paired(runs, ranking[0], ranking[1])
+        out["margin"] = summary[ranking[0]]["mean"]["dice"]["mean"] - summary[ranking[1]]["mean"]["dice"]["mean"]
+        out["margin_per_seed"] = test["per_seed_difference"]
+        out["wilcoxon_p"] = test["wilcoxon_p"]
+        out["n_cases"] = test["n_cases"]
+    return out
 
 
 def per_seed(runs: Sequence[dict[str, Any]], threshold: float = 0.8) -> list[dict[str, Any]]:
@@ -226,21 +323,38 @@ def _pm(entry: dict[str, float], digits: int) -> str:
 
 
 def write_outputs(
-    out: Path, runs: list[dict[str, Any]], summary: dict[str, Any], comparison: dict[str, Any] | None, command: str
+    out: Path,
+    runs: list[dict[str, Any]],
+    summary: dict[str, Any],
+    comparison: dict[str, Any] | None,
+    command: str,
+    regime: str = "",
 ) -> None:
+    """One regime's ``results.json``, ``table.md``, ``table.csv``, ``bench.png`` and ``curves.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     seeds = per_seed(runs)
+    glance = overview(runs, summary)
     write_json_atomic(
         out / "results.json",
-        {"command": command, "summary": summary, "comparison": comparison, "per_seed": seeds, "runs": runs},
+        {
+            "command": command,
+            "regime": regime,
+            "summary": summary,
+            "comparison": comparison,
+            "overview": glance,
+            "per_seed": seeds,
+            "runs": runs,
+        },
     )
     algos = list(summary)
     sites = list(next(iter(summary.values()))["sites"])
     unit = runs[0].get("distance_unit", "px") if runs else "px"
-    lines = [
+    lines = [f"## {regime}", ""] if regime else []
+    lines += [
         f"Command: `{command}`",
         "",
-        f"Mean ± std over seeds {summary[algos[0]]['seeds']}; HD95/ASSD in {unit}.",
+        f"Mean ± std over seeds {summary[algos[0]]['seeds']}; HD95/ASSD in {unit}; rounds: network rounds / "
+        "HC-only rounds (network frozen); wall: the simulator run, mean over seeds.",
         "",
     ]
     head = [
@@ -253,6 +367,8 @@ def write_outputs(
         "kB sent/round/site",
         "kB received/round/site",
         "s/round",
+        "rounds net/HC",
+        "wall",
     ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     with open(out / "table.csv", "w", newline="") as fh:
@@ -271,6 +387,8 @@ def write_outputs(
                 f"{e['bytes_sent_per_round'] / 1e3:.1f}",
                 f"{e['bytes_received_per_round'] / 1e3:.1f}",
                 f"{e['round_time']:.1f}",
+                f"{e['network_rounds']:g}/{e['hc_rounds']:g}",
+                _duration(e["wall_time"]),
             ]
             lines.append("| " + " | ".join(row) + " |")
             for s in [*sites, "mean"]:
@@ -279,6 +397,15 @@ def write_outputs(
                     w.writerow([a, s, m, f"{src[m]['mean']:.6f}", f"{src[m]['std']:.6f}"])
             w.writerow([a, "all", "bytes_sent_per_round", f"{e['bytes_sent_per_round']:.0f}", ""])
             w.writerow([a, "all", "seconds_per_round", f"{e['round_time']:.3f}", ""])
+            w.writerow([a, "all", "network_rounds", f"{e['network_rounds']:g}", ""])
+            w.writerow([a, "all", "hc_rounds", f"{e['hc_rounds']:g}", ""])
+            w.writerow([a, "all", "wall_time_s", f"{e['wall_time']:.1f}", ""])
+            for c, name in enumerate(_class_names(runs, e)):
+                for m, values in e.get("per_class", {}).items():
+                    w.writerow([a, f"mean/{name}", m, f"{values[c]['mean']:.6f}", f"{values[c]['std']:.6f}"])
+    lines += _per_class_lines(runs, summary, unit)
+    if len(glance["ranking"]) > 1:
+        lines += ["", _overview_sentence(glance)]
     if comparison:
         c = comparison
         lines += [
@@ -323,6 +450,96 @@ def write_outputs(
             ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     _plots(out, runs, summary, sites)
+
+
+def _class_names(runs: Sequence[dict[str, Any]], entry: dict[str, Any]) -> list[str]:
+    """The data set's class names (dataset.json labels) for an algorithm's per-class values."""
+    n = len(next(iter(entry.get("per_class", {}).values()), []))
+    names = next((r.get("class_names") for r in runs if r.get("class_names")), None) or []
+    return list(names) if len(names) == n else [f"class {c}" for c in range(n)]
+
+
+def _per_class_lines(runs: Sequence[dict[str, Any]], summary: dict[str, Any], unit: str) -> list[str]:
+    """Markdown table of each class's Dice, IoU, HD95, ASSD (mean over sites; mean ± std over seeds)."""
+    algos = [a for a in summary if "per_class" in summary[a]]
+    if not algos or len(algos) != len(summary):
+        return []
+    names = _class_names(runs, summary[algos[0]])
+    if len(names) < 2 or any(_class_names(runs, summary[a]) != names for a in algos):
+        return []
+    head = ["algorithm"] + [f"{n} {m}" for n in names for m in ("Dice", "IoU", "HD95", "ASSD")]
+    lines = [
+        "",
+        f"Per class (mean over sites; mean Dice above is the mean over these classes); HD95/ASSD in {unit}:",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for a in algos:
+        pc = summary[a]["per_class"]
+        cells = [
+            _pm(pc[m][c], 4 if m in ("dice", "iou") else 2) if m in pc else "n/a"
+            for c in range(len(names))
+            for m in METRIC_NAMES
+        ]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _overview_sentence(glance: dict[str, Any]) -> str:
+    ranks = ", ".join(f"{a} {r}" for a, r in glance["lcfed_ranks"].items()) or "none run"
+    seeds = ", ".join(f"{d:+.4f}" for d in glance.get("margin_per_seed", []))
+    return (
+        f"Best: {glance['best']} ({glance['mean_dice'][glance['best']]:.4f}), {glance['margin']:+.4f} mean Dice over "
+        f"the runner-up {glance['runner_up']} (per seed {seeds}; Wilcoxon signed-rank over {glance['n_cases']} "
+        f"test cases p = {glance['wilcoxon_p']:.3g}). Rank of each LC-Fed variant of {len(glance['ranking'])}: "
+        f"{ranks}."
+    )
+
+
+def write_overview(out: Path, regimes: dict[str, dict[str, Any]], command: str) -> None:
+    """``summary.md`` and ``results.json`` (key ``overview``) over every regime of a benchmark.
+
+    ``regimes`` maps a regime's name to ``{"data", "table", "overview"}`` (see :func:`overview`).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Benchmark summary",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Per regime (data set): the best method by mean test Dice over sites and seeds, its margin over the "
+        "runner-up with a Wilcoxon signed-rank test over test cases (each case's Dice averaged over seeds), "
+        "and the rank of every LC-Fed variant (1 = best).",
+        "",
+        "| regime | data | best | mean Dice | runner-up | margin | Wilcoxon p | LC-Fed ranks |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in regimes.items():
+        g = r["overview"]
+        ranks = ", ".join(f"{a} {k}/{len(g['ranking'])}" for a, k in g["lcfed_ranks"].items()) or "-"
+        if g["runner_up"] is None:
+            cells = [name, r["data"], g["best"], f"{g['mean_dice'][g['best']]:.4f}", "-", "-", "-", ranks]
+        else:
+            cells = [
+                name,
+                r["data"],
+                g["best"],
+                f"{g['mean_dice'][g['best']]:.4f}",
+                f"{g['runner_up']} ({g['mean_dice'][g['runner_up']]:.4f})",
+                f"{g['margin']:+.4f}",
+                f"{g['wilcoxon_p']:.3g}",
+                ranks,
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Tables: " + ", ".join(f"`{r['table']}`" for r in regimes.values()), ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    path = out / "results.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if len(regimes) > 1:  # a single regime's results.json is in OUT itself: add to it
+        record = {"command": command}
+    record["overview"] = regimes
+    write_json_atomic(path, record)
 
 
 def _plots(out: Path, runs: list[dict[str, Any]], summary: dict[str, Any], sites: list[str]) -> None:
@@ -378,25 +595,108 @@ def _plots(out: Path, runs: list[dict[str, Any]], summary: dict[str, Any], sites
     plt.close(fig)
 
 
+def parse_data_sets(values: Sequence[str] | str | os.PathLike) -> dict[str, Path]:
+    """``--data`` values as ``{regime: folder}``: each ``NAME=DIR`` or a bare ``DIR``.
+
+    A bare folder is named after its data set: the demo builder's regime (``rich`` for the default demo,
+    whose dataset.json predates regimes), else the folder's name. Names must be unique.
+    """
+    if isinstance(values, (str, os.PathLike)):
+        values = [str(values)]
+    out: dict[str, Path] = {}
+    for value in values:
+        name, sep, folder = str(value).partition("=")
+        if not sep:
+            folder, name = name, ""
+        path = Path(folder)
+        if not name:
+            info = load_dataset_info(path)
+            regime = info.extra.get("regime")
+            name = regime or ("rich" if info.extra.get("generator") == "lcfed.ops.data.demo" else path.name)
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"--data {value!r}: a regime name must be a plain folder name")
+        if name in out:
+            raise ValueError(f"--data names the regime {name!r} twice ({out[name]} and {path}); use NAME=DIR")
+        out[name] = path
+    if not out:
+        raise ValueError("--data needs at least one data set folder")
+    return out
+
+
 def run_benchmark(
-    data_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | Sequence[str] | dict[str, str | os.PathLike],
     algos: Sequence[str],
     seeds: Sequence[int],
     out: str | os.PathLike,
     preset: str = "demo",
     options: dict[str, Any] | None = None,
     command: str = "",
-    show: Callable[[str], None] = print,
+    show: Callable[[str], None] | None = None,
     quantize: str = "",
 ) -> dict[str, Any]:
-    """Run every (algorithm, seed), then write the table, plots and statistics (``quantize``: see ``JobSpec``)."""
+    """Run every (data set, algorithm, seed), then write each regime's tables and the summary.
+
+    ``data_dir``: one folder, ``--data`` values (see :func:`parse_data_sets`) or ``{regime: folder}``.
+    ``quantize``: see ``JobSpec``. Returns ``{"summary", "comparison", "overview"}`` of a single regime, or
+    ``{"regimes": {name: that}}``.
+    """
+    from lcfed.ops.run import RoundProgress, format_duration, show_line
+
+    show = show or show_line
     for a in algos:
         get_algorithm(a)  # unknown names fail before hours of runs
+    data_sets = {k: Path(v) for k, v in data_dir.items()} if isinstance(data_dir, dict) else parse_data_sets(data_dir)
+    for name, folder in data_sets.items():
+        if not (folder / "dataset.json").is_file():
+            raise DataError(f"regime {name!r}: {folder} holds no dataset.json (build or import a data set first)")
     out = Path(out)
-    data_dir = Path(data_dir).resolve()
-    runs = [_one_run(a, s, data_dir, out, preset, dict(options or {}), show, quantize) for a in algos for s in seeds]
-    summary = summarize(runs)
-    comparison = compare(runs, summary)
-    write_outputs(out, runs, summary, comparison, command)
-    show((out / "table.md").read_text())
-    return {"summary": summary, "comparison": comparison}
+    single = len(data_sets) == 1
+    folders = {name: out if single else out / name for name in data_sets}
+    plan = [(name, a, s) for name in data_sets for a in algos for s in seeds]
+    to_run = [p for p in plan if not (_run_dir(folders[p[0]], p[1], p[2]) / "run.json").is_file()]
+    show(
+        f"[bench] {len(plan)} runs ({len(data_sets)} regime(s) x {len(algos)} algorithm(s) x {len(seeds)} seed(s)); "
+        f"{len(plan) - len(to_run)} finished before and reused, {len(to_run)} to run"
+    )
+    t_bench = time.perf_counter()
+    finished_walls: list[float] = []
+    results: dict[str, Any] = {}
+    runs_by_regime: dict[str, list[dict[str, Any]]] = {name: [] for name in data_sets}
+    for i, (name, a, s) in enumerate(plan, 1):
+        label = f"run {i}/{len(plan)} ({a}, seed {s}, {name})"
+        left_after = sum(1 for p in to_run if plan.index(p) >= i)  # runs still to do after this one
+
+        def on_round(progress: RoundProgress, label: str = label, left_after: int = left_after) -> None:
+            # what is left of the benchmark: this run, then the others at the mean pace of finished runs
+            # (this run's projected total until one has finished)
+            pace = float(np.mean(finished_walls)) if finished_walls else progress.elapsed + progress.remaining
+            total_left = progress.remaining + left_after * pace
+            show(
+                f"[bench] {label} {progress.describe()}; bench {format_duration(time.perf_counter() - t_bench)} "
+                f"elapsed, ~{format_duration(total_left)} left"
+            )
+
+        t0 = time.perf_counter()
+        fresh = (name, a, s) in to_run
+        run = _one_run(
+            a, s, data_sets[name].resolve(), folders[name], preset, dict(options or {}), show, on_round, label, quantize
+        )
+        if fresh:
+            finished_walls.append(time.perf_counter() - t0)
+        runs_by_regime[name].append(run)
+    regimes_overview: dict[str, dict[str, Any]] = {}
+    for name, runs in runs_by_regime.items():
+        summary = summarize(runs)
+        comparison = compare(runs, summary)
+        write_outputs(folders[name], runs, summary, comparison, command, regime=name)
+        glance = overview(runs, summary)
+        results[name] = {"summary": summary, "comparison": comparison, "overview": glance}
+        regimes_overview[name] = {
+            "data": str(data_sets[name]),
+            "table": str(folders[name] / "table.md"),
+            "overview": glance,
+        }
+        show((folders[name] / "table.md").read_text())
+    write_overview(out, regimes_overview, command)
+    show((out / "summary.md").read_text())
+    return next(iter(results.values())) if single else {"regimes": results}

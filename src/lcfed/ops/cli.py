@@ -62,6 +62,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lcfed.ops.data.demo import REGIMES
     from lcfed.ops.data.importers import KINDS
     from lcfed.runtime.algorithms import ALGORITHMS
 
@@ -79,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=96, help="image size (default 96)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    demo.add_argument(
+        "--regime",
+        default="rich",
+        choices=REGIMES,
+        help="rich (default): 20/14/9/7 patients, 6 labelled slices each; scarce: 2/2/1/1 training patients "
+        "with 1 labelled slice each, more varied anatomy, milder annotation shifts, no T2-like contrast "
+        "inversion, as many validation/test patients as rich",
+    )
 
     imp = data.add_parser("import", help="import a real data layout into the bundle's convention")
     imp.add_argument("kind", choices=KINDS)
@@ -140,7 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--out", required=True, help="folder to write <job name>/ into")
 
     bench = sub.add_parser("bench", help="every algorithm in the simulator over several seeds: table, plots, test")
-    bench.add_argument("--data", required=True)
+    bench.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="data set(s), one table each: NAME=DIR or DIR (named after its demo regime or its folder); "
+        "repeatable, e.g. --data rich=data/demo scarce=data/demo-scarce",
+    )
     bench.add_argument("--algos", default=",".join(ALGORITHMS), help="comma-separated (default: all)")
     bench.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma-separated list")
     bench.add_argument("--out", required=True, help="output folder (finished runs in it are reused)")
@@ -203,7 +220,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "demo":
         from lcfed.ops.data.demo import build_demo
 
-        build_demo(args.out, n_sites=args.sites, size=args.size, seed=args.seed, overwrite=args.overwrite)
+        build_demo(
+            args.out,
+            n_sites=args.sites,
+            size=args.size,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            regime=args.regime,
+        )
         return 0
     if args.data_command == "import":
         from lcfed.ops.data.importers import import_dataset
@@ -407,8 +431,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(x) for x in args.seeds.split(",")]
         algos = [a.strip() for a in args.algos.split(",") if a.strip()]
         command = "python -m lcfed " + " ".join(argv)
+        data_sets = [d for group in args.data for d in group]  # --data NAME=DIR ... (repeatable)
         run_benchmark(
-            args.data, algos, seeds, args.out, args.preset, _options(args), command=command, quantize=args.quantize
+            data_sets, algos, seeds, args.out, args.preset, _options(args), command=command, quantize=args.quantize
         )
         return 0
     if args.command == "run":

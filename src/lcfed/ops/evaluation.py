@@ -40,8 +40,9 @@ def evaluate_checkpoints(
 ) -> dict[str, Any]:
     """Test metrics of each site's checkpoint on its own test split, learning histories and overlay panels.
 
-    Returns ``{"algo", "sites": {site: {dice, iou, hd95, assd, n_cases, best_round, best_val_dice}},
-    "mean": {...}, "distance_unit", "histories", "panels", "class_names"}``.
+    Returns ``{"algo", "sites": {site: {dice, iou, hd95, assd, per_class, n_cases, best_round,
+    best_val_dice, cases}}, "mean": {...}, "distance_unit", "histories", "panels", "class_names"}``;
+    ``per_class`` holds each metric per class, in the order of the data set's labels (``class_names``).
     """
     sites_out: dict[str, dict[str, Any]] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
@@ -61,6 +62,7 @@ def evaluate_checkpoints(
         m = trainer.evaluate("testing")
         meta = state.get("meta", {})
         sites_out[site] = {name: m[name] for name in METRIC_NAMES}
+        sites_out[site]["per_class"] = m["per_class"]
         sites_out[site].update(
             n_cases=m["n_cases"], best_round=meta.get("round"), best_val_dice=meta.get("val_dice"), cases=m["cases"]
         )
@@ -109,11 +111,13 @@ def write_results(out_dir: str | os.PathLike, evaluation: Mapping[str, Any], tit
         "sites": {s: {k: v for k, v in m.items() if k != "cases"} for s, m in evaluation["sites"].items()},
         "mean": evaluation["mean"],
         "distance_unit": evaluation["distance_unit"],
+        "class_names": list(evaluation.get("class_names", [])),
         "cases": {s: m.get("cases", {}) for s, m in evaluation["sites"].items()},
     }
     results["note"] = (
         "Each site's personalized checkpoint (best validation Dice) on its own test split; threshold 0.5, "
-        f"metrics per patient in 3-D, HD95/ASSD in {results['distance_unit']}; mean = unweighted mean over sites."
+        f"metrics per patient in 3-D, HD95/ASSD in {results['distance_unit']}; mean = unweighted mean over sites"
+        + (" and, per class, the mean over classes." if len(results["class_names"]) > 1 else ".")
     )
     write_metrics(out_dir, results, title=title or f"{results['algo']}: test metrics per site")
     plot_curves(out_dir / "curves.png", evaluation["histories"], title=title or str(results["algo"]))

@@ -13,7 +13,7 @@ import numpy as np
 from lcfed.runtime.data.layout import write_json_atomic
 from lcfed.runtime.metrics import METRIC_NAMES
 
-__all__ = ["write_metrics", "results_table", "plot_curves", "plot_overlays", "format_table"]
+__all__ = ["write_metrics", "results_table", "plot_curves", "plot_overlays", "format_table", "per_class_table"]
 
 
 def _fmt(value: float, name: str) -> str:
@@ -22,8 +22,18 @@ def _fmt(value: float, name: str) -> str:
     return f"{value:.4f}" if name in ("dice", "iou") else f"{value:.2f}"
 
 
-def format_table(sites: Mapping[str, Mapping[str, Any]], mean: Mapping[str, Any], distance_unit: str = "px") -> str:
-    """Markdown table: one row per site and the unweighted mean over sites."""
+def format_table(
+    sites: Mapping[str, Mapping[str, Any]],
+    mean: Mapping[str, Any],
+    distance_unit: str = "px",
+    class_names: Sequence[str] = (),
+) -> str:
+    """Markdown table: one row per site and the unweighted mean over sites.
+
+    With more than one class and per-class values (``per_class``, from :func:`lcfed.runtime.metrics.
+    evaluate_site`), a second table gives each class's Dice, IoU, HD95 and ASSD per site and over sites,
+    beside the mean over classes of the first.
+    """
     head = ["site", "cases", "Dice", "IoU", f"HD95 ({distance_unit})", f"ASSD ({distance_unit})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for site, m in sites.items():
@@ -31,16 +41,46 @@ def format_table(sites: Mapping[str, Mapping[str, Any]], mean: Mapping[str, Any]
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["**mean over sites**", ""] + [f"**{_fmt(mean[n], n)}**" for n in METRIC_NAMES]
     lines.append("| " + " | ".join(cells) + " |")
+    per_class = per_class_table(sites, mean, distance_unit, class_names)
+    if per_class:
+        lines += ["", per_class]
+    return "\n".join(lines)
+
+
+def per_class_table(
+    sites: Mapping[str, Mapping[str, Any]],
+    mean: Mapping[str, Any],
+    distance_unit: str = "px",
+    class_names: Sequence[str] = (),
+) -> str:
+    """Per class and site: Dice, IoU, HD95, ASSD (markdown); "" with one class or no per-class values."""
+    rows = [(site, m.get("per_class")) for site, m in sites.items()] + [("**mean over sites**", mean.get("per_class"))]
+    if any(not pc for _, pc in rows):
+        return ""
+    n_cls = len(rows[0][1]["dice"])
+    if n_cls < 2:
+        return ""
+    names = list(class_names) if len(class_names) == n_cls else [f"class {c}" for c in range(n_cls)]
+    head = ["site", "class", "Dice", "IoU", f"HD95 ({distance_unit})", f"ASSD ({distance_unit})"]
+    lines = ["Per class:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for site, pc in rows:
+        for c, name in enumerate(names):
+            cells = [site, name] + [_fmt(pc[n][c], n) if n in pc else "n/a" for n in METRIC_NAMES]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def results_table(results: Mapping[str, Any]) -> str:
     unit = results.get("distance_unit", "px")
-    return format_table(results["sites"], results["mean"], unit)
+    return format_table(results["sites"], results["mean"], unit, results.get("class_names", ()))
 
 
 def write_metrics(out_dir: str | os.PathLike, results: Mapping[str, Any], title: str = "") -> None:
-    """``metrics.json`` (``{"algo", "sites": {SITE: {dice, iou, hd95, assd, n_cases}}, "mean"}``) and ``summary.md``."""
+    """``metrics.json`` and ``summary.md``.
+
+    ``metrics.json``: ``{"algo", "sites": {SITE: {dice, iou, hd95, assd, per_class, n_cases}}, "mean",
+    "class_names"}``, ``per_class`` being ``{metric: [one value per class]}``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "metrics.json", results)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from lcfed.runtime.fl.site_config import DATA_ROOT_ENV, MODELS_ROOT_ENV
 
 __all__ = [
     "RunFailed",
+    "RoundProgress",
+    "format_duration",
+    "show_line",
     "job_folder_info",
     "simulate_job_folder",
     "prepare_workspace",
@@ -37,11 +41,76 @@ PROGRESS = re.compile(
 )
 
 
+# the server's line for each aggregated round (lcfed.runtime.fl.aggregator); the round index is 0-based
+ROUND_DONE = re.compile(r"round (\d+): aggregated \d+ site\(s\).*?mean val dice (\S+?);")
+
+
+def show_line(line: str) -> None:
+    """Print and flush: progress piped into a file or ``tee`` must appear as it happens, not at exit."""
+    print(line, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s``: short enough for a progress line."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+@dataclass
+class RoundProgress:
+    """Where a running simulation stands, from the server's aggregated-round lines.
+
+    ``round`` is the number of rounds aggregated (1-based, counting rounds of a resumed run's earlier
+    process too); the estimate of what is left extrapolates the mean time of the rounds this process ran.
+    """
+
+    rounds: int
+    started: float = field(default_factory=time.perf_counter)
+    round: int = 0
+    mean_val_dice: float = float("nan")
+    _first: int | None = field(default=None, init=False, repr=False)
+
+    def update(self, line: str) -> bool:
+        """Take one log line; True when it reported a newly aggregated round."""
+        m = ROUND_DONE.search(line)
+        if not m:
+            return False
+        idx = int(m.group(1))
+        if self._first is None:
+            self._first = idx
+        self.round = idx + 1
+        try:
+            self.mean_val_dice = float(m.group(2))
+        except ValueError:
+            self.mean_val_dice = float("nan")
+        return True
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def remaining(self) -> float:
+        """Seconds left at the pace of the rounds seen so far (0 before the first round completes)."""
+        done = self.round - (self._first or 0)
+        return self.elapsed / done * max(self.rounds - self.round, 0) if done > 0 else 0.0
+
+    def describe(self) -> str:
+        dice = "n/a" if self.mean_val_dice != self.mean_val_dice else f"{self.mean_val_dice:.4f}"
+        return (
+            f"round {self.round}/{self.rounds}, mean val Dice {dice}, {format_duration(self.elapsed)} elapsed, "
+            f"~{format_duration(self.remaining)} left"
+        )
+
+
 class RunFailed(RuntimeError):
     """The FL run did not train every round it was asked to (or FLARE reported a failure)."""
 
 
-def _stream(cmd: list[str], env: dict[str, str], log_file: Path, verbose: bool, show: Callable[[str], None]) -> int:
+def _stream(cmd: list[str], env: dict[str, str], log_file: Path, handle: Callable[[str], None]) -> int:
+    """Run ``cmd``, write its output to ``log_file`` and pass every line to ``handle``."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with (
         open(log_file, "w") as log,
@@ -52,8 +121,8 @@ def _stream(cmd: list[str], env: dict[str, str], log_file: Path, verbose: bool, 
         try:
             for line in proc.stdout:
                 log.write(line)
-                if verbose or PROGRESS.search(line):
-                    show(line.rstrip())
+                log.flush()
+                handle(line)
             return proc.wait()
         except BaseException:
             # stop the whole simulator process group (server + clients) before re-raising
@@ -211,11 +280,15 @@ def simulate_job_folder(
     workspace: str | os.PathLike,
     parallel: int | None = None,
     verbose: bool = False,
-    show: Callable[[str], None] = print,
+    show: Callable[[str], None] = show_line,
+    on_round: Callable[[RoundProgress], None] | None = None,
 ) -> Path:
     """Run an exported job folder in FLARE's simulator (one client per site of the job) under ``workspace``.
 
-    Returns the simulator workspace. Raises :class:`RunFailed` unless every round was aggregated.
+    Without ``verbose`` the console gets the lines :data:`PROGRESS` matches, and each aggregated round as
+    a :class:`RoundProgress` line (round r of R, last mean validation Dice, elapsed, estimate of what is
+    left); ``on_round`` replaces that line (the benchmark adds which run it is). Returns the simulator
+    workspace. Raises :class:`RunFailed` unless every round was aggregated.
     """
     job = job_folder_info(job_dir)
     workspace = Path(workspace).resolve()
@@ -248,7 +321,17 @@ def simulate_job_folder(
         f"{parallel} client(s) at a time; log: {workspace / 'simulator.log'}"
     )
     t0 = time.perf_counter()
-    rc = _stream(cmd, env, workspace / "simulator.log", verbose, show)
+    progress = RoundProgress(job["rounds"], started=t0)
+
+    def handle(line: str) -> None:
+        if progress.update(line):
+            (on_round or (lambda p: show(f"[{job['name']}] {p.describe()}")))(progress)
+            if not verbose:
+                return  # the progress line stands for the server's raw one
+        if verbose or PROGRESS.search(line):
+            show(line.rstrip())
+
+    rc = _stream(cmd, env, workspace / "simulator.log", handle)
     if rc != 0:
         raise RunFailed(
             f"the FLARE simulator exited with code {rc}{_reason(workspace / 'simulator.log', ': ')}; "
@@ -271,7 +354,8 @@ def run_simulator(
     workspace: str | os.PathLike,
     parallel: int | None = None,
     verbose: bool = False,
-    show: Callable[[str], None] = print,
+    show: Callable[[str], None] = show_line,
+    on_round: Callable[[RoundProgress], None] | None = None,
 ) -> Path:
     """Export ``spec`` to ``workspace/job`` and run it with :func:`simulate_job_folder`."""
     workspace = Path(workspace).resolve()
@@ -289,7 +373,7 @@ def run_simulator(
             "data": str(Path(data_dir).resolve()),
         },
     )
-    return simulate_job_folder(job_dir, data_dir, workspace, parallel, verbose, show)
+    return simulate_job_folder(job_dir, data_dir, workspace, parallel, verbose, show, on_round)
 
 
 def run_and_report(
@@ -300,7 +384,7 @@ def run_and_report(
     options: dict[str, Any] | None = None,
     parallel: int | None = None,
     verbose: bool = False,
-    show: Callable[[str], None] = print,
+    show: Callable[[str], None] = show_line,
     overwrite: bool = False,
     resume: bool = False,
     quantize: str = "",

@@ -45,6 +45,7 @@ __all__ = [
     "case_metrics",
     "evaluate_site",
     "mean_over_sites",
+    "mean_per_class",
 ]
 
 METRIC_NAMES = ("dice", "iou", "hd95", "assd")
@@ -261,9 +262,10 @@ def evaluate_site(
         surface: also compute HD95 and ASSD (otherwise only dice and iou).
 
     Returns:
-        ``{"cases": {case_id: {"dice", "iou", "hd95", "assd"}}, "dice", "iou", "hd95", "assd",
-        "n_cases"}`` where the site values are the unweighted means over cases of the per-case values
-        (each itself a mean over classes; see :func:`case_metrics` for empty-mask conventions).
+        ``{"cases": {case_id: {"dice", "iou", "hd95", "assd", "per_class"}}, "dice", "iou", "hd95", "assd",
+        "per_class", "n_cases"}`` where the site values are the unweighted means over cases of the per-case
+        values (each itself a mean over classes; see :func:`case_metrics` for empty-mask conventions) and
+        ``per_class`` maps each metric to one value per class (channel order), also the mean over cases.
 
     Raises:
         ValueError: on no slices or inconsistent inputs (see :func:`regroup_cases`).
@@ -279,9 +281,14 @@ def evaluate_site(
         m = case_metrics(pred, label, spacing=spacing, surface=surface)
         names = METRIC_NAMES if surface else ("dice", "iou")
         cases[cid] = {name: m[name] for name in names}
+        cases[cid]["per_class"] = m["per_class"]
     result: dict[str, Any] = {"cases": cases}
-    for name in METRIC_NAMES if surface else ("dice", "iou"):
+    names = METRIC_NAMES if surface else ("dice", "iou")
+    for name in names:
         result[name] = float(np.mean([c[name] for c in cases.values()]))
+    result["per_class"] = {
+        name: [float(v) for v in np.mean([c["per_class"][name] for c in cases.values()], axis=0)] for name in names
+    }
     result["n_cases"] = len(cases)
     return result
 
@@ -291,8 +298,9 @@ def mean_over_sites(site_results: Mapping[str, Mapping[str, Any]]) -> dict[str, 
 
     Every site counts once whatever its number of cases. ``site_results`` maps site name to a
     mapping holding at least the four metric names (e.g. the output of :func:`evaluate_site`).
-    Returns the four means plus ``"n_sites"`` (an int). Raises ValueError on no sites or a site
-    missing a metric.
+    Returns the four means plus ``"n_sites"`` (an int), and ``"per_class"`` (each metric per class,
+    averaged over sites) when every site has per-class values for the same number of classes. Raises
+    ValueError on no sites or a site missing a metric.
     """
     if not site_results:
         raise ValueError("mean_over_sites needs at least one site")
@@ -305,4 +313,22 @@ def mean_over_sites(site_results: Mapping[str, Mapping[str, Any]]) -> dict[str, 
             values.append(float(res[name]))
         out[name] = float(np.mean(values))
     out["n_sites"] = len(site_results)
+    per_class = mean_per_class([res.get("per_class") for res in site_results.values()])
+    if per_class is not None:
+        out["per_class"] = per_class
     return out
+
+
+def mean_per_class(items: Sequence[Mapping[str, Sequence[float]] | None]) -> dict[str, list[float]] | None:
+    """Element-wise mean of several ``{metric: [one value per class]}`` mappings.
+
+    None when any item is missing or the items disagree on the metrics or the number of classes (results
+    written before per-class values existed, or of different data sets), so a caller never mixes classes.
+    """
+    present = [item for item in items if item]
+    if not present or len(present) != len(items):
+        return None
+    names = [n for n in METRIC_NAMES if all(n in item for item in present)]
+    if not names or len({len(item[n]) for item in present for n in names}) != 1:
+        return None
+    return {n: [float(v) for v in np.mean([item[n] for item in present], axis=0)] for n in names}

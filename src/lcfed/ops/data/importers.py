@@ -4,7 +4,8 @@ Supported layouts (the paper's data sets and NVFlare's prostate example):
 
 - ``prostate``: the 6-site prostate MRI release (``RUNMC/Case00.nii.gz`` + ``Case00_segmentation.nii.gz``);
 - ``fundus``: the DoFE/FedDG optic disc/cup release (``Domain1/{train,test}/ROIs/{image,mask}/*.png``);
-- ``polyp``: the PraNet split (``TestDataset/{Kvasir,CVC-ClinicDB,CVC-ColonDB,ETIS-LaribPolypDB}/{images,masks}``);
+- ``polyp``: the PraNet split (``TestDataset/{Kvasir,CVC-ClinicDB,CVC-ColonDB,ETIS-LaribPolypDB}/{images,masks}``
+  and ``TrainDataset/{images,masks}``, whose Kvasir and CVC-ClinicDB images are told apart by file name);
 - ``nvflare-prostate``: NVFlare's prostate example (``dataset/<client>/{Image,Mask}`` + per-client datalists).
 
 Volumes are written as 2-D axial NIfTI slices, photographs as RGB PNG; label maps hold integer codes.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -192,24 +194,48 @@ def import_fundus(
 def import_polyp(
     src: str | os.PathLike, out: str | os.PathLike, size: int | None = None, seed: int = 0, overwrite: bool = False
 ) -> DatasetInfo:
-    """Import the PraNet polyp split: LC-Fed's sites from ``TestDataset/<site>/{images,masks}``.
+    """Import the PraNet polyp split as LC-Fed's four sites, Kvasir and CVC-ClinicDB whole.
 
-    Sites Kvasir, ETIS-LaribPolypDB, CVC-ColonDB, CVC-ClinicDB (those present); ``TrainDataset`` and
-    CVC-300 are not used. ``src`` may be the PraNet root or its ``TestDataset`` folder. Mask > 0 is
-    polyp (code 1); images are split (0.7, 0.1, 0.2), one image = one case.
+    Sites Kvasir, ETIS-LaribPolypDB, CVC-ColonDB, CVC-ClinicDB (those present); CVC-300 is not used.
+    ``src`` may be the PraNet root or its ``TestDataset`` folder (a ``TrainDataset`` beside it is then
+    used too). Mask > 0 is polyp (code 1); one image = one case.
+
+    PraNet's ``TestDataset/{Kvasir,CVC-ClinicDB}`` hold only 100 and 62 images; the other 900 and 550 of
+    those sites (the paper's 1,000 and 612) are mixed in ``TrainDataset/{images,masks}``. They are given
+    back to their site by file name, the two releases' own naming: an all-digit stem (``1.png`` ..
+    ``612.png``, the CVC-ClinicDB frame number) is CVC-ClinicDB; a stem of 20 or more lowercase letters
+    and digits, at least one a letter (``cju0qkwl35piu0993l0dewei2.png``, a Kvasir-SEG image id) is
+    Kvasir; any other name is an error naming the file. Their case ids get the prefix ``train_`` (the two
+    folders may reuse a name), and they are pooled with the site's test images before the split (0.7,
+    0.1, 0.2), so the split is over the whole site.
     """
     src, out = _check_paths(src, out, overwrite)
     root = src / "TestDataset" if (src / "TestDataset").is_dir() else src
-    found = _find_named_sites(root, POLYP_SITES, _POLYP_EXPECTED, hint=_polyp_hint(src))
-    sites = [_polyp_site(name, folder) for name, folder in found]
+    train_root = _polyp_train_root(src)
+    pooled = _polyp_train_cases(train_root) if train_root is not None else {}
+    if pooled and not any(_subdir(root, key) for key in POLYP_SITES):
+        found = []  # TrainDataset alone: its two sites only
+    else:
+        found = _find_named_sites(root, POLYP_SITES, _POLYP_EXPECTED, hint=_polyp_hint(src))
+    folders = dict(found)
+    sites = []
+    for name in POLYP_SITES.values():
+        if name not in folders and name not in pooled:
+            continue
+        site = _polyp_site(name, folders[name]) if name in folders else _Site(name, train_root, [])
+        if name in pooled:
+            site.cases += pooled[name]
+            site.extra["pranet_train_images"] = len(pooled[name])
+        site.extra["pranet_test_images"] = len(site.cases) - len(pooled.get(name, []))
+        sites.append(site)
     info = DatasetInfo(
         name="polyp-4site",
         sites=[s.name for s in sites],
         channels=3,
         labels={"polyp": [1]},
         largest_component=False,
-        description="Colonoscopy polyps (PraNet split, TestDataset folders): Kvasir, ETIS-LaribPolypDB, "
-        "CVC-ColonDB, CVC-ClinicDB.",
+        description="Colonoscopy polyps (PraNet split): Kvasir, ETIS-LaribPolypDB, CVC-ColonDB, CVC-ClinicDB; "
+        "Kvasir and CVC-ClinicDB pool their TestDataset images with theirs from TrainDataset.",
     )
     return _build(info, "polyp", src, out, sites, _photo_writer(size, _polyp_codes), size, seed, overwrite)
 
@@ -394,8 +420,48 @@ def _find_prostate_sites(src: Path) -> list[tuple[str, Path]]:
 
 def _polyp_hint(src: Path) -> str:
     if (src / "TrainDataset").is_dir() and not (src / "TestDataset").is_dir():
-        return " (TrainDataset alone mixes Kvasir and CVC-ClinicDB, so it cannot be split into sites)"
+        return " (TrainDataset holds no image of a known site)"
     return ""
+
+
+# PraNet's TrainDataset mixes two releases; their file names tell them apart (see import_polyp)
+_CLINICDB_NAME = re.compile(r"^\d+$")
+_KVASIR_NAME = re.compile(r"^(?=[a-z0-9]*[a-z])[a-z0-9]{20,}$")
+
+
+def _polyp_train_root(src: Path) -> Path | None:
+    """PraNet's ``TrainDataset`` under ``src`` or, when ``src`` is the ``TestDataset`` folder, beside it."""
+    for candidate in (src, src.parent) if src.name.lower() == "testdataset" else (src,):
+        found = _subdir(candidate, "TrainDataset")
+        if found is not None:
+            return found
+    return None
+
+
+def _polyp_train_cases(train_root: Path) -> dict[str, list[_Case]]:
+    """TrainDataset's images per site (``kvasir``, ``cvc-clinicdb``), attributed by file name."""
+    image_dir = _subdir(train_root, "images") or _subdir(train_root, "image")
+    mask_dir = _subdir(train_root, "masks") or _subdir(train_root, "mask")
+    if image_dir is None or mask_dir is None:
+        raise DataError(f"expected images/ and masks/ folders; found {_listing(train_root)}", file=train_root)
+    images = _files_by_stem(image_dir, _photo_stem, "TrainDataset")
+    masks = _files_by_stem(mask_dir, _photo_stem, "TrainDataset")
+    pairs = _pair(images, masks, "TrainDataset", f"{mask_dir}/{{stem}}.png", f"{image_dir}/{{stem}}.png")
+    out: dict[str, list[_Case]] = {}
+    for stem, image, mask in pairs:
+        if _CLINICDB_NAME.match(stem):
+            site = POLYP_SITES["CVC-ClinicDB"]
+        elif _KVASIR_NAME.match(stem):
+            site = POLYP_SITES["Kvasir"]
+        else:
+            raise DataError(
+                "cannot tell which site this TrainDataset image belongs to: CVC-ClinicDB images are numbered "
+                "(1.png), Kvasir images are 20+ character lowercase ids (cju0qkwl35piu0993l0dewei2.png)",
+                site="TrainDataset",
+                file=image,
+            )
+        out.setdefault(site, []).append(_Case(f"train_{stem}", image, mask))
+    return out
 
 
 def _nifti_stem(path: Path) -> str | None:
