@@ -174,7 +174,10 @@ def test_a_float16_simulator_run_banks_the_heads_the_sites_sent_and_the_audit_ma
     from lcfed.runtime.fl.traffic import TRAFFIC_FILE
 
     ws = tmp_path / "fp16"
-    spec = JobSpec(algorithm="lcfed", sites=SITES, preset="tiny", options={"rounds": 2}, quantize="float16")
+    # two network rounds, no staged HC round (the checks below follow the heads of rounds 0 and 1)
+    spec = JobSpec(
+        algorithm="lcfed", sites=SITES, preset="tiny", options={"rounds": 2, "hc_rounds": 0}, quantize="float16"
+    )
     sim = run_simulator(spec, tiny_data2, ws, show=lambda _: None)
     app = sim / "server/simulate_job/app_server"
     record = json.loads((app / ROUNDS_FILE).read_text())
