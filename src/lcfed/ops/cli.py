@@ -1,4 +1,4 @@
-"""Command line: ``python -m lcfed {data,run,job,evaluate} ...``.
+"""Command line: ``python -m lcfed {data,run,job,evaluate,predict,export} ...``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     python -m lcfed run --algo lcfed --data data/demo --workspace runs/lcfed
     python -m lcfed job export --algo lcfed --data data/prostate --preset paper --out my_jobs
     python -m lcfed bench --data data/demo --seeds 3 --out benchmark/demo
+    python -m lcfed predict --model runs/lcfed/models/site-a/lcfed/best.pt --input scans/ --out masks/
 """
 
 from __future__ import annotations
@@ -213,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate the personalized checkpoints of a finished simulator run")
     ev.add_argument("--data", required=True)
     ev.add_argument("--workspace", required=True)
+
+    # predict / export: segment new scans with a site's model, or write it for plain torch (lcfed.ops.predict)
+    from lcfed.ops.predict import add_arguments as add_predict_arguments
+
+    add_predict_arguments(sub)
     return parser
 
 
@@ -421,6 +427,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return _cmd_job(args)
     if args.command == "evaluate":
         return _cmd_evaluate(args)
+    if args.command in ("predict", "export"):
+        from lcfed.ops.predict import run_command
+
+        return run_command(args)
     if args.command == "poc":
         return _cmd_poc(args)
     if args.command == "prod":

@@ -244,7 +244,7 @@ def evaluate_site(
     probs: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
     largest_cc: bool,
-    spacing: Sequence[float] | None = None,
+    spacing: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
     threshold: float = 0.5,
     surface: bool = True,
 ) -> dict[str, Any]:
@@ -257,7 +257,8 @@ def evaluate_site(
             0/1, bool and 0/255 all work).
         largest_cc: keep only the largest connected component of each class on the 3-D case volume.
         spacing: ``(sy, sx, sz)`` physical spacing of the regrouped ``(H, W, S)`` volume (a single
-            number means isotropic); default 1, i.e. HD95/ASSD in pixels.
+            number means isotropic), or a mapping case id -> spacing when cases differ (e.g. stored at
+            different sizes, then resized to one working size); default 1, i.e. HD95/ASSD in pixels.
         threshold: foreground when ``prob >= threshold``.
         surface: also compute HD95 and ASSD (otherwise only dice and iou).
 
@@ -278,7 +279,8 @@ def evaluate_site(
     for cid, (pred, label) in regroup_cases(case_ids, slices, preds, labs).items():
         if largest_cc:
             pred = largest_component(pred)
-        m = case_metrics(pred, label, spacing=spacing, surface=surface)
+        case_spacing = spacing.get(cid) if isinstance(spacing, Mapping) else spacing
+        m = case_metrics(pred, label, spacing=case_spacing, surface=surface)
         names = METRIC_NAMES if surface else ("dice", "iou")
         cases[cid] = {name: m[name] for name in names}
         cases[cid]["per_class"] = m["per_class"]

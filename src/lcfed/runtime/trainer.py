@@ -233,32 +233,52 @@ class SiteTrainer:
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, split: str = "validation") -> torch.Tensor:
-        """Final probabilities for every slice of a split, (N, C, H, W) on the CPU."""
-        data = self.data.splits[split]
+    def predict_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Final probabilities (N, C, S, S) on the CPU of preprocessed slices (N, channels, S, S).
+
+        The algorithm's own prediction (LC-Fed: the calibrated S* with the head bank), in batches of
+        ``eval_batch_size`` on the trainer's device and precision.
+        """
         self.model.eval()
         out = []
         bs = self.config.eval_batch_size
-        for i in range(0, len(data), bs):
-            image = data.images[i : i + bs].to(self.device)
-            out.append(self.algorithm.predict(self.ctx, image).float().cpu())
-        self.model.train()
+        try:
+            for i in range(0, len(images), bs):
+                out.append(self.algorithm.predict(self.ctx, images[i : i + bs].to(self.device)).float().cpu())
+        finally:
+            self.model.train()
         if not out:
-            return torch.zeros((0, *data.labels.shape[1:]))
+            return torch.zeros((0, self.data.info.n_classes, *images.shape[2:]))
         return torch.cat(out)
 
+    def predict(self, split: str = "validation") -> torch.Tensor:
+        """Final probabilities for every slice of a split, (N, C, H, W) on the CPU."""
+        return self.predict_images(self.data.splits[split].images)
+
     @torch.no_grad()
+    def explain_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Intermediate maps (prediction, disagreement, ...) of preprocessed slices, on the CPU, in batches."""
+        self.model.eval()
+        parts: list[dict[str, torch.Tensor]] = []
+        bs = self.config.eval_batch_size
+        try:
+            for i in range(0, len(images), bs):
+                maps = self.algorithm.explain(self.ctx, images[i : i + bs].to(self.device))
+                parts.append({k: v.float().cpu() for k, v in maps.items()})
+        finally:
+            self.model.train()
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
     def explain(self, split: str, index: Sequence[int]) -> dict[str, torch.Tensor]:
         """Intermediate maps (prediction, disagreement, ...) for a few slices, for figures."""
-        data = self.data.splits[split]
-        self.model.eval()
-        maps = self.algorithm.explain(self.ctx, data.images[list(index)].to(self.device))
-        self.model.train()
-        return {k: v.float().cpu() for k, v in maps.items()}
+        return self.explain_images(self.data.splits[split].images[list(index)])
 
     def evaluate(self, split: str = "validation", surface: bool = True) -> dict[str, Any]:
         """Per-case metrics (threshold 0.5, optional LCC, per patient in 3-D) and their means.
 
+        Metrics are computed at the working size; HD95/ASSD use each case's spacing at that size (the
+        stored spacing rescaled by stored/working size, see ``working_spacing``), so they are in true
+        millimetres (or stored pixels when the data set gives no spacing) whatever the preset's size.
         ``surface=False`` skips HD95/ASSD (per-round validation needs Dice only).
         """
         from .metrics import evaluate_site
@@ -267,13 +287,16 @@ class SiteTrainer:
         if len(data) == 0:
             raise ValueError(f"site {self.site!r} has no {split!r} data to evaluate")
         probs = self.predict(split)
+        case_spacing = {}
+        for case, spacing in zip(data.case_ids, data.spacing):
+            case_spacing.setdefault(str(case), spacing)
         return evaluate_site(
             data.case_ids,
             data.slices,
             [p.numpy() for p in probs],
             [y.numpy() > 0.5 for y in data.labels],
             largest_cc=self.data.info.largest_component,
-            spacing=self.data.spacing,
+            spacing=case_spacing or None,
             surface=surface,
         )
 
@@ -303,6 +326,13 @@ class SiteTrainer:
             "order": list(self._order),
             "history": list(self.history),
             "config": self.config.to_dict(),
+            # what prediction at the site needs from dataset.json (label codes, post-processing); not identity
+            "data": {
+                "name": self.data.info.name,
+                "labels": {k: list(v) for k, v in self.data.info.labels.items()},
+                "largest_component": self.data.info.largest_component,
+                "kind": self.data.info.extra.get("kind"),  # the importer that wrote the data set, if any
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any], source: str = "checkpoint") -> None:

@@ -53,9 +53,13 @@ __all__ = [
     "import_fundus",
     "import_polyp",
     "import_nvflare_prostate",
+    "normalize_slice",
+    "VOLUME_KINDS",
 ]
 
 KINDS = ("prostate", "fundus", "polyp", "nvflare-prostate")
+# kinds whose importer cuts volumes into slices normalised by normalize_slice (prediction on raw volumes repeats it)
+VOLUME_KINDS = ("prostate", "nvflare-prostate")
 # LC-Fed splits 80/20 train/test by case; a validation split is carved out of the training part.
 FRACTIONS = (0.7, 0.1, 0.2)
 
@@ -689,7 +693,7 @@ def _check_shapes(image: np.ndarray, label: np.ndarray, case: _Case, site: str) 
         )
 
 
-def _normalize_slice(x: np.ndarray) -> np.ndarray:
+def normalize_slice(x: np.ndarray) -> np.ndarray:
     """Clip at the 99th percentile and scale to [0, 1] (float32); a flat slice becomes zeros."""
     lo, hi = float(x.min()), float(np.percentile(x, 99))
     if hi <= lo:
@@ -733,7 +737,7 @@ def _write_volume_case(site: str, case: _Case, site_dir: Path, size: int | None)
         mask = label[:, :, z] > 0
         if not mask.any():
             continue
-        img = _resize(_normalize_slice(image[:, :, z]), size, is_label=False)
+        img = _resize(normalize_slice(image[:, :, z]), size, is_label=False)
         lab = _resize(mask.astype(np.uint8), size, is_label=True)
         name = f"{case.case_id}_{z:03d}.nii.gz"
         save_image(site_dir / "images" / name, img, spacing=(sx, sy))

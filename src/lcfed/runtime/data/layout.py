@@ -211,8 +211,22 @@ def write_datalist(
     return path
 
 
-def load_datalist(site_dir: str | os.PathLike, site: str, require_files: bool = True) -> dict[str, Any]:
+def load_datalist(
+    site_dir: str | os.PathLike,
+    site: str,
+    require_files: bool = True,
+    file: str | os.PathLike | None = None,
+    for_training: bool = True,
+) -> dict[str, Any]:
     """Read and validate a site's datalist. Returns the JSON with absolute ``image``/``label`` paths.
+
+    Args:
+        site_dir: the site's folder; relative paths in the datalist start there.
+        site: the site's name, for messages.
+        require_files: every image and label file must exist.
+        file: the datalist if not ``site_dir/datalist.json``.
+        for_training: a training datalist needs training entries and a label per entry; prediction
+            reads images only.
 
     Raises :class:`DataError` naming the site and the file for a missing folder, a missing, empty or
     malformed datalist, an entry without image/label/case_id, a missing image or label file, or a
@@ -221,7 +235,7 @@ def load_datalist(site_dir: str | os.PathLike, site: str, require_files: bool = 
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
         raise DataError("site data folder not found", site=site, file=site_dir)
-    path = site_dir / DATALIST_FILE
+    path = Path(file) if file is not None else site_dir / DATALIST_FILE
     raw = _read_json(path, site)
     if not isinstance(raw, dict):
         raise DataError("expected a JSON object with training/validation/testing lists", site=site, file=path)
@@ -234,8 +248,9 @@ def load_datalist(site_dir: str | os.PathLike, site: str, require_files: bool = 
             raise DataError(f"{split!r} must be a list", site=site, file=path)
         resolved = []
         for i, e in enumerate(entries):
-            if not isinstance(e, dict) or "image" not in e or "label" not in e:
-                raise DataError(f"{split}[{i}] needs 'image' and 'label'", site=site, file=path)
+            keys = ("image", "label") if for_training else ("image",)
+            if not isinstance(e, dict) or any(k not in e for k in keys):
+                raise DataError(f"{split}[{i}] needs {' and '.join(repr(k) for k in keys)}", site=site, file=path)
             case = str(e.get("case_id", Path(str(e["image"])).name))
             prev = case_split.setdefault(case, split)
             if prev != split:
@@ -243,7 +258,7 @@ def load_datalist(site_dir: str | os.PathLike, site: str, require_files: bool = 
             item = dict(e)
             item["case_id"] = case
             item["slice"] = int(e.get("slice", 0))
-            for key in ("image", "label"):
+            for key in (k for k in ("image", "label") if k in e):
                 p = Path(str(e[key]))
                 p = p if p.is_absolute() else site_dir / p
                 if require_files and not p.is_file():
@@ -252,7 +267,7 @@ def load_datalist(site_dir: str | os.PathLike, site: str, require_files: bool = 
             resolved.append(item)
         out[split] = resolved
         total += len(resolved)
-    if total == 0 or not out["training"]:
+    if for_training and (total == 0 or not out["training"]):
         raise DataError("datalist has no training entries", site=site, file=path)
     return out
 

@@ -26,7 +26,41 @@ from monai.transforms import (
 
 from .layout import SPLITS, DataError, DatasetInfo, load_datalist, load_dataset_info
 
-__all__ = ["SplitData", "SiteData", "ValidatePaird", "LabelsToChannelsd", "site_transforms", "load_site"]
+__all__ = [
+    "PHOTO_EXTENSIONS",
+    "SplitData",
+    "SiteData",
+    "ValidatePaird",
+    "LabelsToChannelsd",
+    "to_channel_first",
+    "image_reader",
+    "image_transforms",
+    "working_spacing",
+    "site_transforms",
+    "load_site",
+]
+
+# 2-D photographs read with Pillow (everything else is NIfTI); the importers write PNG, prediction also takes JPEG
+PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def to_channel_first(
+    array: Any, is_label: bool = False, site: str | None = None, file: str | None = None
+) -> torch.Tensor:
+    """A 2-D slice as read -- (H, W), (H, W, 1) or an (H, W, 3|4) RGB(A) image -- as (channels, H, W).
+
+    The alpha channel of an RGBA image is dropped. Raises :class:`DataError` naming the site and the
+    file for any other shape (a label map must be (H, W) or (H, W, 1)).
+    """
+    x = torch.as_tensor(array)
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim == 2:
+        return x[None]
+    if x.ndim == 3 and not is_label and x.shape[-1] in (3, 4):
+        return x[..., :3].permute(2, 0, 1)
+    what = "label map" if is_label else "image"
+    raise DataError(f"expected a 2-D {what} slice, got array shape {tuple(x.shape)}", site, file)
 
 
 class ValidatePaird(MapTransform):
@@ -35,7 +69,7 @@ class ValidatePaird(MapTransform):
     Accepts 2-D slices: an image (H, W) or (H, W, 3|4) (RGB, alpha dropped) or with a singleton
     third axis (H, W, 1); a label map (H, W). Raises :class:`DataError` naming the site and the file
     for a wrong dimensionality or channel count, image/label shapes that differ, NaN/Inf voxels and
-    label codes outside the declared set.
+    label codes outside the declared set. Records the slice's stored (H, W) as ``stored_shape``.
 
     Args:
         site: site name for the message.
@@ -49,24 +83,11 @@ class ValidatePaird(MapTransform):
         self.channels = channels
         self.label_values = np.asarray(sorted(label_values))
 
-    def _channel_first(self, array: torch.Tensor, is_label: bool, file: str) -> torch.Tensor:
-        x = torch.as_tensor(array)
-        if x.ndim == 3 and x.shape[-1] == 1:
-            x = x[..., 0]
-        if x.ndim == 2:
-            x = x[None]
-        elif x.ndim == 3 and not is_label and x.shape[-1] in (3, 4):
-            x = x[..., :3].permute(2, 0, 1)
-        else:
-            what = "label map" if is_label else "image"
-            raise DataError(f"expected a 2-D {what} slice, got array shape {tuple(x.shape)}", self.site, file)
-        return x
-
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         img_file, lab_file = d.get("image_path", "?"), d.get("label_path", "?")
-        image = self._channel_first(d["image"], False, img_file)
-        label = self._channel_first(d["label"], True, lab_file)
+        image = to_channel_first(d["image"], False, self.site, img_file)
+        label = to_channel_first(d["label"], True, self.site, lab_file)
         if image.shape[0] != self.channels:
             raise DataError(
                 f"image has {image.shape[0]} channel(s), the data set declares {self.channels}", self.site, img_file
@@ -94,6 +115,8 @@ class ValidatePaird(MapTransform):
                 lab_file,
             )
         d["image"], d["label"] = image, label.to(torch.int64)
+        # the stored size, before resizing to the working size: distances are rescaled by it (working_spacing)
+        d["stored_shape"] = tuple(int(n) for n in image.shape[1:])
         return d
 
 
@@ -124,13 +147,43 @@ class _RememberPaths(MapTransform):
         return d
 
 
-def _reader_for(path: str) -> Any:
+def image_reader(path: str | os.PathLike) -> Any:
+    """MONAI's reader for an image file: Pillow for PNG/JPEG, nibabel for everything else."""
     from monai.data import NibabelReader, PILReader
 
-    if path.lower().endswith(".png"):
+    if str(path).lower().endswith(PHOTO_EXTENSIONS):
         # keep (H, W) order for PNG so overlays are not transposed
         return PILReader(reverse_indexing=False)
     return NibabelReader()
+
+
+def image_transforms(size: int, keys: str = "image") -> list[MapTransform]:
+    """The intensity and size steps of every image slice, the same in training, evaluation and prediction.
+
+    Per channel z-score over the slice, then bilinear resize to ``size x size``. Both work on a
+    channel-first (channels, H, W) slice; the resize is invertible (MONAI's ``inverse``), which is how
+    a prediction goes back to the slice's own size.
+    """
+    return [
+        NormalizeIntensityd(keys=keys, channel_wise=True),
+        Resized(keys=keys, spatial_size=(size, size), mode="bilinear", anti_aliasing=False),
+    ]
+
+
+def working_spacing(spacing: Sequence[float] | None, stored_shape: Sequence[int], size: int) -> tuple[float, ...]:
+    """Physical (H, W, slice) spacing of a slice stored at ``stored_shape`` once it is resized to ``size x size``.
+
+    A datalist's spacing is that of the stored images; resizing an H-pixel axis to ``size`` pixels
+    multiplies its spacing by ``H / size``. Without a spacing the unit is the stored pixel (spacing 1);
+    the slice axis (third value, default 1) is not resized.
+    """
+    base = [1.0, 1.0, 1.0] if not spacing else [float(v) for v in spacing]
+    if len(base) == 1:
+        base = base * 3
+    if len(base) == 2:
+        base.append(1.0)
+    h, w = stored_shape
+    return (base[0] * h / size, base[1] * w / size, base[2])
 
 
 def site_transforms(site: str, info: DatasetInfo, size: int, example_path: str) -> Compose:
@@ -138,10 +191,9 @@ def site_transforms(site: str, info: DatasetInfo, size: int, example_path: str) 
     return Compose(
         [
             _RememberPaths(),
-            LoadImaged(keys=["image", "label"], reader=_reader_for(example_path), image_only=True),
+            LoadImaged(keys=["image", "label"], reader=image_reader(example_path), image_only=True),
             ValidatePaird(site, info.channels, info.label_values),
-            NormalizeIntensityd(keys="image", channel_wise=True),
-            Resized(keys="image", spatial_size=(size, size), mode="bilinear", anti_aliasing=False),
+            *image_transforms(size),
             Resized(keys="label", spatial_size=(size, size), mode="nearest"),
             LabelsToChannelsd(keys="label", mapping=list(info.labels.values())),
             EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False),
@@ -157,6 +209,8 @@ class SplitData:
     labels: torch.Tensor  # (N, classes, S, S) binary float
     case_ids: list[str]
     slices: list[int]
+    # physical (H, W, slice) spacing of each slice at the working size S (see working_spacing)
+    spacing: list[tuple[float, ...]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -169,7 +223,7 @@ class SiteData:
     site: str
     info: DatasetInfo
     splits: dict[str, SplitData] = field(default_factory=dict)
-    spacing: list[float] | None = None
+    spacing: list[float] | None = None  # the datalist's spacing of the stored images (None: pixels)
 
     @property
     def n_train(self) -> int:
@@ -200,9 +254,9 @@ def _load_split(entries: list[dict], transforms: Compose, site: str) -> list[dic
         for entry in entries:
             for key in ("image", "label"):
                 try:
-                    _reader_for(entry[key]).read(entry[key])
+                    image_reader(entry[key]).read(entry[key])
                 except Exception as read_err:
-                    kind = "PNG" if entry[key].lower().endswith(".png") else "NIfTI"
+                    kind = "PNG/JPEG" if entry[key].lower().endswith(PHOTO_EXTENSIONS) else "NIfTI"
                     raise DataError(f"cannot read {key} as {kind}: {read_err}", site, entry[key]) from None
         raise DataError(f"failed to load the site's data: {e}", site) from e
 
@@ -246,5 +300,11 @@ def load_site(
         else:
             images = torch.zeros((0, info.channels, size, size))
             labels = torch.zeros((0, info.n_classes, size, size))
-        out.splits[split] = SplitData(images, labels, [e["case_id"] for e in entries], [e["slice"] for e in entries])
+        # an entry's own spacing (importers write one per case) before the datalist's
+        spacing = [
+            working_spacing(e.get("spacing") or out.spacing, it["stored_shape"], size) for e, it in zip(entries, items)
+        ]
+        out.splits[split] = SplitData(
+            images, labels, [e["case_id"] for e in entries], [e["slice"] for e in entries], spacing
+        )
     return out
