@@ -145,7 +145,10 @@ class Federation:
                 # FLARE refuses to shut down under a running job: abort those first
                 for job in sess.list_jobs():
                     if str(job.get("status", "")).startswith("RUNNING"):
-                        sess.abort_job(job["job_id"])
+                        try:
+                            sess.abort_job(job["job_id"])
+                        except Exception as e:  # a job the server lists but no longer runs: nothing to abort
+                            self.show(f"abort {job['job_id']}: {e}")
                 sess.shutdown_system()
             finally:
                 sess.close()
