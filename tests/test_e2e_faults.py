@@ -126,3 +126,33 @@ def test_a_killed_site_fails_the_run_or_is_tolerated_and_rejoins(tiny_data, tmp_
     finally:
         poc.stop()
     assert processes_using(poc.poc_dir) == []
+
+
+def test_a_terminated_run_stops_the_simulator_it_started(tiny_data2, tmp_path):
+    """SIGTERM to `python -m lcfed run` (a scheduler's kill) ends the run and every FLARE process it started."""
+    import sys
+
+    ws = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lcfed", "run", "--algo", "lcfed", "--data", tiny_data2, "--workspace", str(ws)]
+    cmd += ["--preset", "tiny", "--rounds", "30"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    left: list[int] = []
+    try:
+        deadline = time.time() + 120
+        # wait until the simulator's clients train (their processes work under the run's workspace)
+        while time.time() < deadline and len(processes_using(ws)) < 3:
+            time.sleep(1)
+        assert len(processes_using(ws)) >= 3, "the simulator never started"
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=90)
+        deadline = time.time() + 60
+        while time.time() < deadline and processes_using(ws):
+            time.sleep(1)
+        left = processes_using(ws)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in processes_using(ws):  # never leave them running, even when the test fails
+            os.kill(pid, signal.SIGKILL)
+    assert rc == 143, f"exit status {rc}: SIGTERM did not run the command's clean-up"
+    assert not left, f"processes left after SIGTERM: {left}"
