@@ -23,7 +23,7 @@ from nvflare.app_common.app_constant import AppConstants
 from ..aggregation import HeadBankAggregation
 from ..contract import ContractViolation, split_bank_key
 from ..data.layout import write_json_atomic
-from .reference import reference_model
+from .reference import MODEL_ARGS, reference_model
 from .server_state import load_state, run_identity, state_dir
 
 __all__ = ["HeadBankAggregator", "ROUNDS_FILE"]
@@ -67,16 +67,7 @@ class HeadBankAggregator(ModelAggregator):
     """
 
     # exported to the job config even when equal to the default (FLARE drops defaults otherwise)
-    _always_serialize_args = (
-        "algorithm",
-        "sites",
-        "preset",
-        "options",
-        "in_channels",
-        "n_classes",
-        "weighting",
-        "run_name",
-    )
+    _always_serialize_args = MODEL_ARGS + ("weighting", "run_name")
 
     def __init__(
         self,

@@ -28,7 +28,7 @@ from nvflare.fuel.utils import fobs
 from ..contract import ContractViolation
 from .controller import REFUSAL_HEADER
 from .quantization import QUANT_META_KEYS, QUANT_STATE, SOURCE_DTYPE
-from .reference import reference_model
+from .reference import MODEL_ARGS, reference_model
 from .site_config import models_root
 from .traffic import payload_bytes
 
@@ -49,7 +49,7 @@ class OutgoingAudit(Filter):
         run_name: the job name (names the site's models folder).
     """
 
-    _always_serialize_args = ("algorithm", "sites", "preset", "options", "in_channels", "n_classes", "run_name")
+    _always_serialize_args = MODEL_ARGS + ("run_name",)
 
     def __init__(
         self,

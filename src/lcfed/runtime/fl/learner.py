@@ -34,6 +34,7 @@ from ..data.pipeline import load_site
 from ..site_round import BEST, HISTORY, LAST, CheckpointStore, SiteRound
 from ..trainer import CheckpointMismatch, SiteTrainer
 from .controller import REFUSAL_HEADER
+from .reference import MODEL_ARGS
 from .site_config import models_root, resolve_site_data
 
 __all__ = ["LCFedLearner", "BEST", "LAST", "HISTORY", "read_history"]
@@ -65,16 +66,7 @@ class LCFedLearner(Learner):
     """
 
     # exported to the job config even when equal to the default (FLARE drops defaults otherwise)
-    _always_serialize_args = (
-        "algorithm",
-        "sites",
-        "preset",
-        "options",
-        "in_channels",
-        "n_classes",
-        "run_name",
-        "bundle_version",
-    )
+    _always_serialize_args = MODEL_ARGS + ("run_name", "bundle_version")
 
     def __init__(
         self,

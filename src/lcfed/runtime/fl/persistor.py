@@ -13,7 +13,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from ..bundle import check_bundle_version
 from ..trainer import atomic_torch_save
-from .reference import reference_model
+from .reference import MODEL_ARGS, reference_model
 from .server_state import archive_run, load_state, run_identity, save_state, state_dir
 
 __all__ = ["GlobalStatePersistor", "GLOBAL_MODEL_FILE", "RESUME_ROUND"]
@@ -36,16 +36,7 @@ class GlobalStatePersistor(ModelPersistor):
     """
 
     # exported to the job config even when equal to the default (FLARE drops defaults otherwise)
-    _always_serialize_args = (
-        "algorithm",
-        "sites",
-        "preset",
-        "options",
-        "in_channels",
-        "n_classes",
-        "run_name",
-        "bundle_version",
-    )
+    _always_serialize_args = MODEL_ARGS + ("run_name", "bundle_version")
 
     def __init__(
         self,

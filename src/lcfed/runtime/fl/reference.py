@@ -10,7 +10,11 @@ from ..algorithms import Algorithm, ModelSpec, get_algorithm
 from ..config import TrainConfig, make_config
 from ..trainer import seed_everything
 
-__all__ = ["reference_model"]
+__all__ = ["reference_model", "MODEL_ARGS"]
+
+# the job's model arguments, which every bundle component of a job receives and FLARE must always export
+# (its Job API drops an argument equal to its default otherwise)
+MODEL_ARGS = ("algorithm", "sites", "preset", "options", "in_channels", "n_classes")
 
 
 def reference_model(
