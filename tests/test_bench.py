@@ -259,3 +259,64 @@ def test_bench_command_line_takes_several_data_sets():
 
     args = build_parser().parse_args(["bench", "--data", "rich=a", "scarce=b", "--data", "c", "--out", "o"])
     assert [d for group in args.data for d in group] == ["rich=a", "scarce=b", "c"]
+
+
+def test_parse_seeds_takes_a_count_or_a_list_and_refuses_none():
+    from lcfed.ops.bench import parse_seeds
+
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds("0,2") == [0, 2]
+    assert parse_seeds("2,") == [2]  # one seed
+    for bad, why in (("0", "at least 1"), ("a", "comma-separated"), ("1,1", "distinct"), (",", "distinct")):
+        with pytest.raises(ValueError, match=why):
+            parse_seeds(bad)
+
+
+def test_reuse_from_imports_matching_runs_with_their_origin(runs, tiny_data, tmp_path):
+    earlier = tmp_path / "earlier" / "results.json"
+    earlier.parent.mkdir()
+    earlier.write_text(json.dumps({"command": "python -m lcfed bench --seeds 3 ...", "regime": "rich", "runs": runs}))
+    out = tmp_path / "bench"
+    # lcfed seed 0 already finished here: kept, not replaced by the earlier file's
+    mine = _run("lcfed", 0, {s: [0.99] * 8 for s in SITES}, 5.0)
+    (out / "runs/lcfed/seed0").mkdir(parents=True)
+    (out / "runs/lcfed/seed0/run.json").write_text(json.dumps(mine))
+    lines: list[str] = []
+    run_benchmark(
+        [f"rich={tiny_data}"],
+        ["fedavg", "local", "lcfed"],
+        [0, 1, 2],
+        out,
+        command="python -m lcfed bench ...",
+        show=lines.append,
+        reuse_from=[f"{earlier}@fedavg,lcfed", f"rich={earlier}@local"],
+    )
+    imported = [line for line in lines if line.startswith("[bench]") and "imported from" in line]
+    assert len(imported) == 8  # 9 planned, lcfed seed 0 finished before
+    assert "9 finished before and reused, 0 to run" in lines[8]
+    saved = {(r["algo"], r["seed"]): r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert saved[("lcfed", 0)]["mean"]["dice"] == pytest.approx(0.99) and "reused_from" not in saved[("lcfed", 0)]
+    assert saved[("fedavg", 1)]["reused_from"] == {"file": str(earlier), "command": "python -m lcfed bench --seeds 3 ..."}
+    assert saved[("local", 2)]["mean"] == next(r for r in runs if r["algo"] == "local" and r["seed"] == 2)["mean"]
+    table = (out / "table.md").read_text()
+    assert "fedavg (seeds 0,1,2), local (seeds 0,1,2), lcfed (seeds 1,2)" in table and str(earlier) in table
+
+
+def test_reuse_from_refuses_what_it_cannot_use(runs, tiny_data, tmp_path):
+    from lcfed.ops.bench import parse_reuse
+
+    good = tmp_path / "results.json"
+    good.write_text(json.dumps({"regime": "scarce", "runs": runs}))
+    assert parse_reuse([str(good)]) == [("scarce", good, None)]
+    assert parse_reuse([f"rich={good}@lcfed"]) == [("rich", good, {"lcfed"})]
+    (tmp_path / "table.md").write_text("| not json |")
+    for value, why in (
+        (str(tmp_path / "missing.json"), "is not a file"),
+        (str(tmp_path / "table.md"), "not a bench results.json"),
+        (f"{good}@", "no algorithm"),
+        (f"{good}@nonsense", "nonsense"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            parse_reuse([value])
+    with pytest.raises(ValueError, match="'scarce' is not one of --data"):
+        run_benchmark([f"rich={tiny_data}"], ["lcfed"], [0], tmp_path / "b", reuse_from=[str(good)], show=lambda _: None)

@@ -46,6 +46,9 @@ __all__ = [
     "write_outputs",
     "write_overview",
     "parse_data_sets",
+    "parse_seeds",
+    "parse_reuse",
+    "import_runs",
 ]
 
 
@@ -322,6 +325,22 @@ def _pm(entry: dict[str, float], digits: int) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
+def _reused_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """Where runs were imported from earlier results (``--reuse-from``): which, from where, by which command."""
+    origin: dict[tuple[str, str], dict[str, list[int]]] = {}
+    for r in runs:
+        src = r.get("reused_from")
+        if src:
+            origin.setdefault((src["file"], src.get("command", "")), {}).setdefault(r["algo"], []).append(r["seed"])
+    if not origin:
+        return []
+    lines = ["", "Runs imported from earlier results (`--reuse-from`), measured by the command given:", ""]
+    for (file, command), algos in origin.items():
+        which = ", ".join(f"{a} (seeds {','.join(map(str, sorted(s)))})" for a, s in algos.items())
+        lines.append(f"- {which}: `{file}`, measured with `{command}`")
+    return lines
+
+
 def write_outputs(
     out: Path,
     runs: list[dict[str, Any]],
@@ -448,6 +467,7 @@ def write_outputs(
                 "Staged HC within each run (network frozen in the HC rounds), mean validation Dice before the first"
                 f" HC round -> after the last: {effect}.",
             ]
+    lines += _reused_lines(runs)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     _plots(out, runs, summary, sites)
 
@@ -623,6 +643,90 @@ def parse_data_sets(values: Sequence[str] | str | os.PathLike) -> dict[str, Path
     return out
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: a count ``N`` (seeds 0..N-1) or a comma-separated list (one seed ``k``: ``k,``)."""
+    text = str(text).strip()
+    if text.isdigit():
+        if int(text) < 1:
+            raise ValueError(f"--seeds {text}: a count is at least 1 (the single seed {text} is written '{text},')")
+        return list(range(int(text)))
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: give a count N or a comma-separated list of seeds, e.g. 0,2") from None
+    if not seeds or any(k < 0 for k in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: give a count N or distinct non-negative seeds, e.g. 0,2")
+    return seeds
+
+
+def parse_reuse(values: Sequence[str]) -> list[tuple[str, Path, set[str] | None]]:
+    """``--reuse-from`` values ``[REGIME=]RESULTS.json[@ALGO,ALGO]`` as ``(regime, file, algorithms or None)``.
+
+    Without ``REGIME=`` the file's own ``regime`` (``rich`` where it predates regimes) is used; without
+    ``@ALGOS`` every algorithm of the file may be reused.
+    """
+    out = []
+    for value in values:
+        name, sep, rest = str(value).partition("=")
+        if not sep:
+            name, rest = "", name
+        file, at, names = rest.partition("@")
+        path = Path(file)
+        if not path.is_file():
+            raise ValueError(f"--reuse-from {value!r}: {path} is not a file (an earlier bench's results.json)")
+        try:
+            record = json.loads(path.read_text())
+            runs = record["runs"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"--reuse-from {value!r}: {path} is not a bench results.json (no 'runs')") from None
+        if not isinstance(runs, list):
+            raise ValueError(f"--reuse-from {value!r}: {path} is not a bench results.json ('runs' is not a list)")
+        algos = {a.strip() for a in names.split(",") if a.strip()} if at else None
+        if at and not algos:
+            raise ValueError(f"--reuse-from {value!r}: no algorithm after '@'")
+        for a in algos or ():
+            get_algorithm(a)
+        out.append((name or record.get("regime") or "rich", path, algos))
+    return out
+
+
+def import_runs(
+    reuse: Sequence[tuple[str, Path, set[str] | None]],
+    plan: Sequence[tuple[str, str, int]],
+    folders: dict[str, Path],
+    quantize: str,
+    show: Callable[[str], None],
+) -> int:
+    """Write, for each planned run not finished yet, the first matching run of the ``reuse`` files as its run.json.
+
+    A run matches on regime, algorithm, seed and quantization. The copy records where it came from
+    (``reused_from``: the file and the command that measured it), and the tables name it. Returns how many
+    were imported.
+    """
+    imported = 0
+    loaded = [(regime, path, algos, json.loads(path.read_text())) for regime, path, algos in reuse]
+    for name, algo, seed in plan:
+        done = _run_dir(folders[name], algo, seed) / "run.json"
+        if done.is_file():
+            continue
+        for regime, path, algos, record in loaded:
+            if regime != name or (algos is not None and algo not in algos):
+                continue
+            match = [
+                r
+                for r in record["runs"]
+                if r.get("algo") == algo and r.get("seed") == seed and r.get("quantize", "") == quantize
+            ]
+            if match:
+                origin = {"file": str(path), "command": record.get("command", "")}
+                run = {**match[0], "quantize": quantize, "reused_from": origin}
+                write_json_atomic(done, run)
+                show(f"[bench] {algo}, seed {seed}, {name}: imported from {path}")
+                imported += 1
+                break
+    return imported
+
+
 def run_benchmark(
     data_dir: str | os.PathLike | Sequence[str] | dict[str, str | os.PathLike],
     algos: Sequence[str],
@@ -633,11 +737,14 @@ def run_benchmark(
     command: str = "",
     show: Callable[[str], None] | None = None,
     quantize: str = "",
+    reuse_from: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run every (data set, algorithm, seed), then write each regime's tables and the summary.
 
     ``data_dir``: one folder, ``--data`` values (see :func:`parse_data_sets`) or ``{regime: folder}``.
-    ``quantize``: see ``JobSpec``. Returns ``{"summary", "comparison", "overview"}`` of a single regime, or
+    ``quantize``: see ``JobSpec``. ``reuse_from``: ``--reuse-from`` values (see :func:`parse_reuse`), earlier
+    results whose runs stand in for planned runs not finished yet (see :func:`import_runs`).
+    Returns ``{"summary", "comparison", "overview"}`` of a single regime, or
     ``{"regimes": {name: that}}``.
     """
     from lcfed.ops.run import RoundProgress, format_duration, show_line
@@ -653,6 +760,12 @@ def run_benchmark(
     single = len(data_sets) == 1
     folders = {name: out if single else out / name for name in data_sets}
     plan = [(name, a, s) for name in data_sets for a in algos for s in seeds]
+    reuse = parse_reuse(reuse_from)
+    for regime, path, _ in reuse:
+        if regime not in data_sets:
+            known = ", ".join(data_sets)
+            raise ValueError(f"--reuse-from {path}: its regime {regime!r} is not one of --data ({known})")
+    import_runs(reuse, plan, folders, quantize, show)
     to_run = [p for p in plan if not (_run_dir(folders[p[0]], p[1], p[2]) / "run.json").is_file()]
     show(
         f"[bench] {len(plan)} runs ({len(data_sets)} regime(s) x {len(algos)} algorithm(s) x {len(seeds)} seed(s)); "

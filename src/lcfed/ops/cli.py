@@ -160,7 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
         "repeatable, e.g. --data rich=data/demo scarce=data/demo-scarce",
     )
     bench.add_argument("--algos", default=",".join(ALGORITHMS), help="comma-separated (default: all)")
-    bench.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma-separated list")
+    bench.add_argument(
+        "--seeds", default="3", help="a count N (seeds 0..N-1) or a comma-separated list (one seed k: 'k,')"
+    )
+    bench.add_argument(
+        "--reuse-from",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="[REGIME=]RESULTS.json[@ALGOS]",
+        help="runs of an earlier bench (its results.json) that stand in for planned runs not finished yet, "
+        "matched on regime, algorithm, seed and --quantize; @ALGOS limits it to those algorithms; repeatable",
+    )
     bench.add_argument("--out", required=True, help="output folder (finished runs in it are reused)")
     _add_train_options(bench)
 
@@ -436,14 +447,22 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "prod":
         return _cmd_prod(args)
     if args.command == "bench":
-        from lcfed.ops.bench import run_benchmark
+        from lcfed.ops.bench import parse_seeds, run_benchmark
 
-        seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(x) for x in args.seeds.split(",")]
+        seeds = parse_seeds(args.seeds)
         algos = [a.strip() for a in args.algos.split(",") if a.strip()]
         command = "python -m lcfed " + " ".join(argv)
         data_sets = [d for group in args.data for d in group]  # --data NAME=DIR ... (repeatable)
         run_benchmark(
-            data_sets, algos, seeds, args.out, args.preset, _options(args), command=command, quantize=args.quantize
+            data_sets,
+            algos,
+            seeds,
+            args.out,
+            args.preset,
+            _options(args),
+            command=command,
+            quantize=args.quantize,
+            reuse_from=[r for group in args.reuse_from for r in group],
         )
         return 0
     if args.command == "run":
