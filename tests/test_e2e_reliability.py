@@ -126,7 +126,8 @@ def test_privacy_filters_keep_the_head_bank(tiny_data2, tmp_path):
         exclude_vars=excluded,
         percentile_privacy={"percentile": 10, "gamma": 0.01},
     )
-    run_simulator(spec, tiny_data2, ws, show=_quiet)
+    # parallel=8 for 2 sites: capped at one client per site (FLARE refuses more threads than clients)
+    run_simulator(spec, tiny_data2, ws, parallel=8, show=_quiet)
     record = json.loads((ws / "simulator/server/simulate_job/app_server/lcfed_rounds.json").read_text())
     for r in record["rounds"]:
         assert sorted(r["sites"]) == SITES and r["n_bank_keys"] == 2 * len(SITES)  # every head banked

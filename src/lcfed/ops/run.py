@@ -295,7 +295,10 @@ def simulate_job_folder(
     sim_ws = workspace / "simulator"
     # one simulator client per site at a time: with fewer, FLARE swaps clients in and out every round
     # (each swap restarts the site's process state, which the learner then reloads from its checkpoint)
-    parallel = parallel or len(job["sites"])
+    # (more than one per site is refused by FLARE: "threads ... can not be larger than the number of clients")
+    if parallel is not None and parallel < 1:
+        raise ValueError(f"--parallel {parallel}: at least one client at a time")
+    parallel = min(parallel or len(job["sites"]), len(job["sites"]))
     cmd = [
         sys.executable,
         "-m",
@@ -360,7 +363,7 @@ def run_simulator(
     """Export ``spec`` to ``workspace/job`` and run it with :func:`simulate_job_folder`."""
     workspace = Path(workspace).resolve()
     if not spec.num_threads:
-        spec.num_threads = max(1, (os.cpu_count() or 1) // (parallel or len(spec.sites)))
+        spec.num_threads = max(1, (os.cpu_count() or 1) // min(parallel or len(spec.sites), len(spec.sites)))
     job_dir = export_job(spec, workspace / "job")
     write_json_atomic(
         workspace / "simulator.json",
