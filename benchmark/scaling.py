@@ -52,7 +52,7 @@ def simulate(k: int, rounds: int, work: Path, parallel: int | None) -> dict[str,
     return {
         "sites": k,
         "rounds": rounds,
-        "parallel": parallel or k,
+        "parallel": min(parallel or k, k),
         "wall_s": wall,
         "round_s": float(np.mean(per_round)) if per_round else float("nan"),
         "server_peak_rss_mb": max(r.get("server_peak_rss_mb") or 0 for r in record),
