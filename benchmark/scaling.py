@@ -41,6 +41,11 @@ def simulate(k: int, rounds: int, work: Path, parallel: int | None) -> dict[str,
     info = load_dataset_info(data)
     spec = JobSpec(algorithm="lcfed", sites=list(info.sites), preset="tiny", options={"rounds": rounds}, num_threads=1)
     ws = work / f"run{k}"
+    done = ws / "scaling_result.json"  # a finished run of the same K, rounds and processes is reused (--work)
+    if done.is_file():
+        kept = json.loads(done.read_text())
+        if (kept.get("rounds"), kept.get("parallel")) == (rounds, min(parallel or k, k)):
+            return kept
     prepare_workspace(ws, overwrite=True)
     t0 = time.perf_counter()
     sim = run_simulator(spec, data, ws, parallel=parallel, show=lambda _: None)
@@ -49,7 +54,7 @@ def simulate(k: int, rounds: int, work: Path, parallel: int | None) -> dict[str,
     record = json.loads((app / ROUNDS_FILE).read_text())["rounds"]
     traffic = json.loads((app / TRAFFIC_FILE).read_text())
     per_round = [r["time"] for r in record][1:]
-    return {
+    result = {
         "sites": k,
         "rounds": rounds,
         "parallel": min(parallel or k, k),
@@ -59,10 +64,12 @@ def simulate(k: int, rounds: int, work: Path, parallel: int | None) -> dict[str,
         "received_per_site_round": float(np.mean([e["bytes"] for e in traffic["to_site"]])),
         "sent_per_site_round": float(np.mean([e["bytes"] for e in traffic["from_site"]])),
     }
+    done.write_text(json.dumps(result))
+    return result
 
 
 def bank_share(k: int, preset: str, steps: int, data_dir: Path) -> dict[str, Any]:
-    """Time HC steps of site 0 in a K-site federation: total and the part in the head bank (``peaks``)."""
+    """Time HC steps of site 0 in a K-site federation: total and the part in the head bank (``maps``)."""
     import torch
 
     from lcfed.runtime.algorithms import get_algorithm
@@ -85,15 +92,15 @@ def bank_share(k: int, preset: str, steps: int, data_dir: Path) -> dict[str, Any
             bank[bank_key(s, key)] = (torch.randn(state[key].shape, generator=gen) * 0.1).numpy()
     trainer.ctx.head_bank.update(bank)
     spent = [0.0]
-    peaks = algo.peaks
+    maps = algo.maps  # the site's head against the K-1 banked heads: disagreement map and peaks
 
     def timed(*args, **kwargs):
         t = time.perf_counter()
-        out = peaks(*args, **kwargs)
+        out = maps(*args, **kwargs)
         spent[0] += time.perf_counter() - t
         return out
 
-    algo.peaks = timed
+    algo.maps = timed
     hc_round = config.hc_start_round
     try:
         trainer.train_round(hc_round, iterations=2)  # warm-up
@@ -102,7 +109,7 @@ def bank_share(k: int, preset: str, steps: int, data_dir: Path) -> dict[str, Any
         trainer.train_round(hc_round, iterations=steps)
         total = time.perf_counter() - t0
     finally:
-        algo.peaks = peaks
+        algo.maps = maps
     return {
         "sites": k,
         "preset": preset,
@@ -110,7 +117,7 @@ def bank_share(k: int, preset: str, steps: int, data_dir: Path) -> dict[str, Any
         "step_ms": 1e3 * total / steps,
         "bank_ms": 1e3 * spent[0] / steps,
         "bank_share": spent[0] / total,
-        "hc_rounds_share": (config.rounds - hc_round) / config.rounds,
+        "hc_rounds_share": config.hc_stage_rounds / algo.total_rounds(config),
     }
 
 

@@ -296,7 +296,8 @@ def test_reuse_from_imports_matching_runs_with_their_origin(runs, tiny_data, tmp
     assert "9 finished before and reused, 0 to run" in lines[8]
     saved = {(r["algo"], r["seed"]): r for r in json.loads((out / "results.json").read_text())["runs"]}
     assert saved[("lcfed", 0)]["mean"]["dice"] == pytest.approx(0.99) and "reused_from" not in saved[("lcfed", 0)]
-    assert saved[("fedavg", 1)]["reused_from"] == {"file": str(earlier), "command": "python -m lcfed bench --seeds 3 ..."}
+    origin = {"file": str(earlier), "command": "python -m lcfed bench --seeds 3 ..."}
+    assert saved[("fedavg", 1)]["reused_from"] == origin
     assert saved[("local", 2)]["mean"] == next(r for r in runs if r["algo"] == "local" and r["seed"] == 2)["mean"]
     table = (out / "table.md").read_text()
     assert "fedavg (seeds 0,1,2), local (seeds 0,1,2), lcfed (seeds 1,2)" in table and str(earlier) in table
@@ -319,4 +320,21 @@ def test_reuse_from_refuses_what_it_cannot_use(runs, tiny_data, tmp_path):
         with pytest.raises(ValueError, match=why):
             parse_reuse([value])
     with pytest.raises(ValueError, match="'scarce' is not one of --data"):
-        run_benchmark([f"rich={tiny_data}"], ["lcfed"], [0], tmp_path / "b", reuse_from=[str(good)], show=lambda _: None)
+        run_benchmark([f"rich={tiny_data}"], ["lcfed"], [0], tmp_path / "b", reuse_from=[str(good)], show=print)
+
+
+def test_scaling_script_times_the_head_bank_of_an_hc_step(tiny_data2):
+    """benchmark/scaling.py's in-process part runs against the current trainer (it broke once, unseen)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmark" / "scaling.py"
+    spec = importlib.util.spec_from_file_location("scaling", path)
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    out = scaling.bank_share(3, "tiny", 2, Path(tiny_data2))
+    assert out["sites"] == 3 and out["steps"] == 2
+    assert 0.0 < out["bank_ms"] < out["step_ms"] and 0.0 < out["bank_share"] < 1.0  # the bank was called and timed
+    from lcfed.runtime.config import make_config
+
+    tiny = make_config("tiny")
+    assert out["hc_rounds_share"] == pytest.approx(tiny.hc_stage_rounds / (tiny.rounds + tiny.hc_stage_rounds))
