@@ -30,7 +30,7 @@ def simulate(k: int, rounds: int, work: Path, parallel: int | None) -> dict[str,
     """One simulator run of lcfed at the tiny preset with ``k`` sites; its per-round numbers."""
     from lcfed.ops.data.demo import build_demo
     from lcfed.ops.jobs import JobSpec
-    from lcfed.ops.run import prepare_workspace, run_simulator
+    from lcfed.ops.run import client_slots, prepare_workspace, run_simulator
     from lcfed.runtime.data.layout import load_dataset_info
     from lcfed.runtime.fl.aggregator import ROUNDS_FILE
     from lcfed.runtime.fl.traffic import TRAFFIC_FILE
@@ -41,10 +41,11 @@ def simulate(k: int, rounds: int, work: Path, parallel: int | None) -> dict[str,
     info = load_dataset_info(data)
     spec = JobSpec(algorithm="lcfed", sites=list(info.sites), preset="tiny", options={"rounds": rounds}, num_threads=1)
     ws = work / f"run{k}"
+    slots = client_slots(parallel, k)
     done = ws / "scaling_result.json"  # a finished run of the same K, rounds and processes is reused (--work)
     if done.is_file():
         kept = json.loads(done.read_text())
-        if (kept.get("rounds"), kept.get("parallel")) == (rounds, min(parallel or k, k)):
+        if (kept.get("rounds"), kept.get("parallel")) == (rounds, slots):
             return kept
     prepare_workspace(ws, overwrite=True)
     t0 = time.perf_counter()
@@ -57,7 +58,7 @@ def simulate(k: int, rounds: int, work: Path, parallel: int | None) -> dict[str,
     result = {
         "sites": k,
         "rounds": rounds,
-        "parallel": min(parallel or k, k),
+        "parallel": slots,
         "wall_s": wall,
         "round_s": float(np.mean(per_round)) if per_round else float("nan"),
         "server_peak_rss_mb": max(r.get("server_peak_rss_mb") or 0 for r in record),

@@ -665,6 +665,11 @@ def parse_reuse(values: Sequence[str]) -> list[tuple[str, Path, set[str] | None]
     Without ``REGIME=`` the file's own ``regime`` (``rich`` where it predates regimes) is used; without
     ``@ALGOS`` every algorithm of the file may be reused.
     """
+    return [entry[:3] for entry in _load_reuse(values)]
+
+
+def _load_reuse(values: Sequence[str]) -> list[tuple[str, Path, set[str] | None, dict[str, Any]]]:
+    """:func:`parse_reuse`'s entries with each file's parsed record (read once, for :func:`import_runs`)."""
     out = []
     for value in values:
         name, sep, rest = str(value).partition("=")
@@ -686,12 +691,12 @@ def parse_reuse(values: Sequence[str]) -> list[tuple[str, Path, set[str] | None]
             raise ValueError(f"--reuse-from {value!r}: no algorithm after '@'")
         for a in algos or ():
             get_algorithm(a)
-        out.append((name or record.get("regime") or "rich", path, algos))
+        out.append((name or record.get("regime") or "rich", path, algos, record))
     return out
 
 
 def import_runs(
-    reuse: Sequence[tuple[str, Path, set[str] | None]],
+    reuse: Sequence[tuple[str, Path, set[str] | None, dict[str, Any]]],
     plan: Sequence[tuple[str, str, int]],
     folders: dict[str, Path],
     quantize: str,
@@ -699,17 +704,18 @@ def import_runs(
 ) -> int:
     """Write, for each planned run not finished yet, the first matching run of the ``reuse`` files as its run.json.
 
+    ``reuse``: ``(regime, file, algorithms or None, the file's parsed record)`` per ``--reuse-from`` value.
+
     A run matches on regime, algorithm, seed and quantization. The copy records where it came from
     (``reused_from``: the file and the command that measured it), and the tables name it. Returns how many
     were imported.
     """
     imported = 0
-    loaded = [(regime, path, algos, json.loads(path.read_text())) for regime, path, algos in reuse]
     for name, algo, seed in plan:
         done = _run_dir(folders[name], algo, seed) / "run.json"
         if done.is_file():
             continue
-        for regime, path, algos, record in loaded:
+        for regime, path, algos, record in reuse:
             if regime != name or (algos is not None and algo not in algos):
                 continue
             match = [
@@ -760,8 +766,8 @@ def run_benchmark(
     single = len(data_sets) == 1
     folders = {name: out if single else out / name for name in data_sets}
     plan = [(name, a, s) for name in data_sets for a in algos for s in seeds]
-    reuse = parse_reuse(reuse_from)
-    for regime, path, _ in reuse:
+    reuse = _load_reuse(reuse_from)
+    for regime, path, _, _ in reuse:
         if regime not in data_sets:
             known = ", ".join(data_sets)
             raise ValueError(f"--reuse-from {path}: its regime {regime!r} is not one of --data ({known})")

@@ -274,6 +274,16 @@ def job_folder_info(job_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def client_slots(parallel: int | None, n_sites: int) -> int:
+    """Simulator clients run at a time: ``parallel`` (default: one per site), at most one per site.
+
+    FLARE refuses more ("threads ... can not be larger than the number of clients").
+    """
+    if parallel is not None and parallel < 1:
+        raise ValueError(f"--parallel {parallel}: at least one client at a time")
+    return min(parallel or n_sites, n_sites)
+
+
 def simulate_job_folder(
     job_dir: str | os.PathLike,
     data_dir: str | os.PathLike,
@@ -295,10 +305,7 @@ def simulate_job_folder(
     sim_ws = workspace / "simulator"
     # one simulator client per site at a time: with fewer, FLARE swaps clients in and out every round
     # (each swap restarts the site's process state, which the learner then reloads from its checkpoint)
-    # (more than one per site is refused by FLARE: "threads ... can not be larger than the number of clients")
-    if parallel is not None and parallel < 1:
-        raise ValueError(f"--parallel {parallel}: at least one client at a time")
-    parallel = min(parallel or len(job["sites"]), len(job["sites"]))
+    parallel = client_slots(parallel, len(job["sites"]))
     cmd = [
         sys.executable,
         "-m",
@@ -363,7 +370,7 @@ def run_simulator(
     """Export ``spec`` to ``workspace/job`` and run it with :func:`simulate_job_folder`."""
     workspace = Path(workspace).resolve()
     if not spec.num_threads:
-        spec.num_threads = max(1, (os.cpu_count() or 1) // min(parallel or len(spec.sites), len(spec.sites)))
+        spec.num_threads = max(1, (os.cpu_count() or 1) // client_slots(parallel, len(spec.sites)))
     job_dir = export_job(spec, workspace / "job")
     write_json_atomic(
         workspace / "simulator.json",
